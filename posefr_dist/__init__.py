@@ -1,0 +1,2 @@
+"""posefr-dist."""
+__version__ = "0.1.0"

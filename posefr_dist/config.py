@@ -1,0 +1,376 @@
+"""Typed configuration: dataclasses validated on construction, YAML files, dotted overrides.
+
+A config is built in three steps, each of which can fail with a message naming the field:
+
+1. defaults (the dataclass fields below),
+2. a YAML file (``load_config("jobs/configs/demo.yaml")``),
+3. ``key=value`` overrides in dotted form (``train.epochs=3 loss.lambda_je=0.5``); the value is
+   parsed as YAML, so ``true``, ``3``, ``1e-3`` and ``[0, 30, 60, 90]`` have their natural types.
+
+Unknown keys are rejected (with the closest valid names), values are coerced to the declared type
+where that is lossless, and each section checks its own invariants in ``__post_init__``.
+
+Example:
+    >>> cfg = load_config(None, ["train.epochs=2", "model.variant=2d-only"])
+    >>> cfg.train.epochs, cfg.model.variant
+    (2, '2d-only')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or invalid; the message names the dotted key."""
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _one_of(value: Any, allowed: Iterable[Any], key: str) -> None:
+    allowed = list(allowed)
+    _check(value in allowed, key, f"got {value!r}; allowed: {', '.join(map(repr, allowed))}")
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation applied by the data pipeline."""
+
+    enabled: bool = True
+    #: probability of a horizontal flip (negates yaw and mirrors the points' x)
+    hflip_prob: float = 0.5
+    #: max relative change of brightness / contrast / saturation
+    color_jitter: float = 0.2
+    #: max relative zoom in or out
+    scale: float = 0.05
+    #: max shift as a fraction of the image side
+    shift: float = 0.04
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.hflip_prob <= 1.0, "data.augment.hflip_prob", "must be in [0, 1]")
+        for name in ("color_jitter", "scale", "shift"):
+            v = getattr(self, name)
+            _check(0.0 <= v < 0.5, f"data.augment.{name}", f"must be in [0, 0.5), got {v}")
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how they are streamed."""
+
+    #: shard root: a folder, file:// or s3:// URI holding manifest.json and train/ val/ test/
+    uri: str = "out/demo/shards"
+    #: rows per training batch (per worker)
+    batch_size: int = 32
+    #: what a bad row does: ``error`` stops with file, row and field; ``skip`` drops and counts it
+    on_bad_row: str = "error"
+    #: shuffle rows within a buffer of this many rows each epoch (0 = no shuffle)
+    shuffle_buffer: int = 512
+    #: also randomise the order of blocks each epoch
+    shuffle_blocks: bool = True
+    #: rows per Ray Data block handed to decode tasks
+    decode_batch_size: int = 64
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.uri), "data.uri", "must not be empty")
+        _check(self.batch_size > 0, "data.batch_size", f"must be > 0, got {self.batch_size}")
+        _one_of(self.on_bad_row, ("error", "skip"), "data.on_bad_row")
+        _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
+        _check(self.decode_batch_size > 0, "data.decode_batch_size", "must be > 0")
+
+
+@dataclass
+class SynthConfig:
+    """The procedural synthetic face generator (``posefr synth``)."""
+
+    identities: int = 200
+    views_per_identity: int = 20
+    seed: int = 0
+    image_size: int = 112
+    points: int = 1024
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    rows_per_shard: int = 256
+    #: near-frontal enrollment views per identity (|yaw| <= enroll_max_yaw)
+    enrollment_views: int = 2
+    enroll_max_yaw: float = 10.0
+    #: largest |yaw| of a probe view, degrees
+    max_yaw: float = 100.0
+    max_pitch: float = 15.0
+    #: per-pixel Gaussian noise (0..255 scale)
+    noise: float = 6.0
+    #: 0..1: how strongly identities differ in shape and appearance (lower = harder)
+    identity_strength: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.identities >= 3, "synth.identities", f"need >= 3 (one per split), got {self.identities}")
+        _check(self.views_per_identity >= self.enrollment_views + 1, "synth.views_per_identity",
+               f"must exceed enrollment_views ({self.enrollment_views})")
+        _check(self.enrollment_views >= 1, "synth.enrollment_views", "must be >= 1")
+        _check(32 <= self.image_size <= 512, "synth.image_size", f"must be in [32, 512], got {self.image_size}")
+        _check(16 <= self.points <= 65536, "synth.points", f"must be in [16, 65536], got {self.points}")
+        _check(0 < self.val_fraction < 1 and 0 < self.test_fraction < 1
+               and self.val_fraction + self.test_fraction < 1, "synth.val_fraction",
+               "val_fraction and test_fraction must be in (0, 1) and sum below 1")
+        _check(self.rows_per_shard > 0, "synth.rows_per_shard", "must be > 0")
+        _check(0 < self.max_yaw <= 180, "synth.max_yaw", "must be in (0, 180]")
+        _check(0 <= self.max_pitch <= 60, "synth.max_pitch", "must be in [0, 60]")
+        _check(0 <= self.enroll_max_yaw <= 30, "synth.enroll_max_yaw", "must be in [0, 30]")
+        _check(self.noise >= 0, "synth.noise", "must be >= 0")
+        _check(0 < self.identity_strength <= 2, "synth.identity_strength", "must be in (0, 2]")
+
+
+@dataclass
+class ModelConfig:
+    """The joint attention model (see posefr_dist.model.build_model)."""
+
+    #: ``2d-only`` (baseline), ``jam`` (joint attention, lambda_je = 0), ``jam-je`` (the full method)
+    variant: str = "jam-je"
+    #: 2D encoder: ``ir18``, ``ir50`` or ``ir_tiny`` (CPU tests and demos)
+    encoder_2d: str = "ir18"
+    #: 3D encoder: ``pointnet2_ssg`` or ``pointnet2_tiny``
+    encoder_3d: str = "pointnet2_ssg"
+    embedding_dim: int = 512
+    #: identity head: ``adaface``, ``arcface`` or ``cosface``
+    head: str = "adaface"
+    head_margin: float = 0.4
+    head_h: float = 0.333
+    head_scale: float = 64.0
+    head_t_alpha: float = 0.01
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        _one_of(self.variant, ("2d-only", "jam", "jam-je"), "model.variant")
+        _one_of(self.encoder_2d, ("ir18", "ir50", "ir_tiny"), "model.encoder_2d")
+        _one_of(self.encoder_3d, ("pointnet2_ssg", "pointnet2_tiny"), "model.encoder_3d")
+        _one_of(self.head, ("adaface", "arcface", "cosface"), "model.head")
+        _check(self.embedding_dim > 0, "model.embedding_dim", "must be > 0")
+        _check(self.head_scale > 0, "model.head_scale", "must be > 0")
+        _check(0 < self.head_t_alpha <= 1, "model.head_t_alpha", "must be in (0, 1]")
+        _check(0 <= self.dropout < 1, "model.dropout", "must be in [0, 1)")
+
+
+@dataclass
+class LossConfig:
+    """L = L_2D + w_3d * L_3D + lambda_je * L_JE."""
+
+    w_3d: float = 1.0
+    lambda_je: float = 0.1
+    #: bins per axis of the differentiable joint histogram of the two attention maps
+    je_bins: int = 32
+    #: Parzen kernel bandwidth, in units of one bin width
+    je_bandwidth: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.w_3d >= 0, "loss.w_3d", "must be >= 0")
+        _check(self.lambda_je >= 0, "loss.lambda_je", "must be >= 0")
+        _check(2 <= self.je_bins <= 512, "loss.je_bins", f"must be in [2, 512], got {self.je_bins}")
+        _check(self.je_bandwidth > 0, "loss.je_bandwidth", "must be > 0")
+
+
+@dataclass
+class EvalConfig:
+    """Pose-binned verification (DESIGN.md, "Verification protocol")."""
+
+    fars: list[float] = field(default_factory=lambda: [0.1, 0.01, 0.001, 0.0001])
+    yaw_edges: list[float] = field(default_factory=lambda: [0.0, 30.0, 60.0, 90.0])
+    #: gallery = rows with |yaw| <= this (when the data do not say otherwise)
+    enroll_max_yaw: float = 15.0
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        _check(len(self.fars) > 0 and all(0 < f < 1 for f in self.fars), "eval.fars",
+               f"need one or more values in (0, 1), got {self.fars}")
+        e = self.yaw_edges
+        _check(len(e) >= 1 and e[0] == 0 and all(a < b for a, b in zip(e, e[1:])), "eval.yaw_edges",
+               f"must start at 0 and increase strictly, got {e}")
+        _check(self.enroll_max_yaw >= 0, "eval.enroll_max_yaw", "must be >= 0")
+        _check(self.batch_size > 0, "eval.batch_size", "must be > 0")
+
+
+@dataclass
+class Config:
+    """The whole configuration of a run. Sections are added by the stages that use them."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    #: free-form note copied into outputs
+    name: str = "posefr"
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` to the annotated type ``tp`` where that is lossless."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        _check(isinstance(value, Mapping), key, f"expected a mapping for section, got {value!r}")
+        return _build(tp, value, key)
+    if origin in (list, tuple):
+        _check(isinstance(value, (list, tuple)), key, f"expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        _check(isinstance(value, Mapping), key, f"expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        _check(isinstance(value, bool), key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        _check(isinstance(value, int) and not isinstance(value, bool), key,
+               f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
+               f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), key,
+               f"expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for k, v in values.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"{key}: unknown key{hint}")
+        kwargs[k] = _coerce(v, hints[k], key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix or cls.__name__}: {e}") from e
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain-data form of a config (for YAML/JSON output)."""
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[p] = nxt
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: Iterable[str]) -> list[tuple[str, Any]]:
+    """``["a.b=3", "c=x"]`` -> ``[("a.b", 3), ("c", "x")]`` with YAML-typed values."""
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. train.epochs=3)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r}: empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from e
+        out.append((key, value))
+    return out
+
+
+def merge_overrides(tree: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    for key, value in parse_overrides(overrides):
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = (), cls: type = Config) -> Any:
+    """Build a config of type ``cls`` from defaults, an optional YAML file and overrides.
+
+    Args:
+        path: YAML file (mapping of sections) or None for defaults only.
+        overrides: dotted ``key=value`` strings applied after the file.
+        cls: the dataclass to build (``Config`` by default).
+
+    Returns:
+        A validated instance of ``cls``.
+
+    Raises:
+        ConfigError: naming the file or the dotted key that is wrong.
+    """
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p}: invalid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p}: top level must be a mapping of sections")
+        tree = loaded
+    tree = merge_overrides(tree, overrides)
+    try:
+        return _build(cls, tree)
+    except ConfigError as e:
+        where = f"config file {path}: " if path is not None else ""
+        raise ConfigError(f"{where}{e}") from None
+
+
+def dump_config(cfg: Any) -> str:
+    """YAML text of a config, loadable again with :func:`load_config`."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -154,6 +154,8 @@ class ModelConfig:
     head_scale: float = 64.0
     head_t_alpha: float = 0.01
     dropout: float = 0.0
+    #: the joint attention's query/key width is C_F // attn_reduction (SAGAN: 8)
+    attn_reduction: int = 8
 
     def __post_init__(self) -> None:
         _one_of(self.variant, ("2d-only", "jam", "jam-je"), "model.variant")
@@ -164,6 +166,7 @@ class ModelConfig:
         _check(self.head_scale > 0, "model.head_scale", "must be > 0")
         _check(0 < self.head_t_alpha <= 1, "model.head_t_alpha", "must be in (0, 1]")
         _check(0 <= self.dropout < 1, "model.dropout", "must be in [0, 1)")
+        _check(self.attn_reduction >= 1, "model.attn_reduction", f"must be >= 1, got {self.attn_reduction}")
 
 
 @dataclass
@@ -176,12 +179,16 @@ class LossConfig:
     je_bins: int = 32
     #: Parzen kernel bandwidth, in units of one bin width
     je_bandwidth: float = 1.0
+    #: how attention values are mapped to [0, 1] before binning: ``minmax`` (per attention row) or
+    #: ``hw`` (r = H*W*a, r / (1 + r)); see posefr_dist.model.entropy
+    je_norm: str = "minmax"
 
     def __post_init__(self) -> None:
         _check(self.w_3d >= 0, "loss.w_3d", "must be >= 0")
         _check(self.lambda_je >= 0, "loss.lambda_je", "must be >= 0")
         _check(2 <= self.je_bins <= 512, "loss.je_bins", f"must be in [2, 512], got {self.je_bins}")
         _check(self.je_bandwidth > 0, "loss.je_bandwidth", "must be > 0")
+        _one_of(self.je_norm, ("minmax", "hw"), "loss.je_norm")
 
 
 @dataclass
@@ -267,6 +274,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                f"expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
                f"expected a number, got {value!r}")
         return float(value)

@@ -1,0 +1,30 @@
+"""Connect to Ray: an existing cluster when one is given, otherwise an embedded local instance."""
+
+from __future__ import annotations
+
+import os
+
+#: variables every Ray worker needs to see (object storage, DeepSpeed on the CPU, no telemetry)
+FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR",
+    "RAY_USAGE_STATS_ENABLED", "POSEFR_S3_CONNECT_TIMEOUT", "POSEFR_S3_REQUEST_TIMEOUT",
+)
+
+
+def worker_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """``ray.init`` once: joins ``RAY_ADDRESS`` when set (e.g. inside ``ray job submit``),
+    else starts a local instance. Storage and accelerator variables are forwarded to workers."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    kwargs: dict = {"runtime_env": {"env_vars": worker_env()}, "logging_level": "WARNING"}
+    if not os.environ.get("RAY_ADDRESS"):
+        kwargs.update(num_cpus=num_cpus, include_dashboard=False)
+    ray.init(**kwargs)

@@ -212,6 +212,90 @@ class EvalConfig:
 
 
 @dataclass
+class TrainConfig:
+    """Distributed training: Ray Train worker group under DeepSpeed."""
+
+    epochs: int = 2
+    #: ``sgd`` (momentum) or ``adamw``
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    #: linear warm-up over this many optimizer steps, then cosine decay to lr * min_lr_ratio
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.01
+    #: clip the global gradient norm (0 = off)
+    grad_clip: float = 5.0
+    grad_accum: int = 1
+    #: DeepSpeed ZeRO stage 0..3
+    zero_stage: int = 0
+    #: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32`` or ``bf16``
+    precision: str = "auto"
+    seed: int = 0
+    #: Ray Train workers; ``min_workers`` > 0 makes the group elastic in [min_workers, num_workers]
+    num_workers: int = 2
+    min_workers: int = 0
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    #: where runs, checkpoints and results go: a folder or s3:// URI
+    storage_path: str = "out/runs"
+    run_name: str = "posefr-train"
+    #: worker-group restarts allowed after failures (resumes from the last checkpoint)
+    max_failures: int = 2
+    #: checkpoints kept, best first by ``checkpoint_metric``
+    keep_checkpoints: int = 2
+    checkpoint_metric: str = "val/tar@far=0.01/90+"
+    checkpoint_mode: str = "max"
+    #: also validate + checkpoint every N optimizer steps (0 = once per epoch only)
+    val_every_steps: int = 0
+    #: cap optimizer steps per epoch (0 = the whole split); for smoke runs
+    max_steps_per_epoch: int = 0
+    #: rank 0 serves Prometheus metrics on this port (0 = off)
+    metrics_port: int = 0
+    log_every_steps: int = 10
+    #: checkpoint URI to start from (weights, optimizer, epoch); '' = fresh or automatic resume
+    resume_from: str = ""
+    #: keep Ray Data's output order fixed so a resumed run sees the batches an uninterrupted one would
+    deterministic: bool = True
+    #: testing hook "EPOCH:STEP:RANK": that worker process dies once at that point
+    chaos_kill_at: str = ""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        _one_of(self.optimizer, ("sgd", "adamw"), "train.optimizer")
+        _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(0 <= self.momentum < 1, "train.momentum", "must be in [0, 1)")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
+        _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+        _check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+        _one_of(self.zero_stage, (0, 1, 2, 3), "train.zero_stage")
+        _one_of(self.precision, ("auto", "fp32", "bf16"), "train.precision")
+        _check(self.num_workers >= 1, "train.num_workers", f"must be >= 1, got {self.num_workers}")
+        _check(0 <= self.min_workers <= self.num_workers, "train.min_workers",
+               f"must be in [0, num_workers={self.num_workers}]")
+        _check(self.cpus_per_worker > 0, "train.cpus_per_worker", "must be > 0")
+        _check(self.gpus_per_worker > 0, "train.gpus_per_worker", "must be > 0")
+        _check(bool(self.storage_path), "train.storage_path", "must not be empty")
+        _check(bool(self.run_name) and "/" not in self.run_name, "train.run_name", "must be a non-empty name without '/'")
+        _check(self.max_failures >= -1, "train.max_failures", "must be >= -1 (-1 = unlimited)")
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+        _check(self.checkpoint_metric.startswith("val/"), "train.checkpoint_metric",
+               f"must name a validation metric such as 'val/tar@far=0.01/90+', got {self.checkpoint_metric!r}")
+        _one_of(self.checkpoint_mode, ("max", "min"), "train.checkpoint_mode")
+        _check(self.val_every_steps >= 0, "train.val_every_steps", "must be >= 0")
+        _check(self.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", "must be >= 0")
+        _check(0 <= self.metrics_port < 65536, "train.metrics_port", "must be a port number or 0")
+        _check(self.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
+        if self.chaos_kill_at:
+            parts = self.chaos_kill_at.split(":")
+            _check(len(parts) == 3 and all(p.isdigit() for p in parts), "train.chaos_kill_at",
+                   f"expected EPOCH:STEP:RANK, got {self.chaos_kill_at!r}")
+
+
+@dataclass
 class Config:
     """The whole configuration of a run. Sections are added by the stages that use them."""
 
@@ -220,6 +304,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     #: free-form note copied into outputs
     name: str = "posefr"
 
@@ -339,6 +424,8 @@ def parse_overrides(overrides: Iterable[str]) -> list[tuple[str, Any]]:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from e
+        if isinstance(value, (int, float)) and ":" in raw:
+            value = raw.strip()  # YAML 1.1 reads 1:0:0 as a base-60 number
         out.append((key, value))
     return out
 

@@ -22,15 +22,9 @@ log = logging.getLogger("posefr")
 
 
 def _quiet_ray_data() -> None:
-    try:
-        from ray.data import DataContext
+    from posefr_dist.raysupport import quiet_ray_data
 
-        ctx = DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
-        ctx.enable_rich_progress_bars = False
-    except Exception:
-        pass
+    quiet_ray_data()
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,6 +78,34 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         bins = ", ".join(f"{k} {v}" for k, v in s["yaw_bins"].items())
         print(f"{split}: {s['rows']} rows, {s['identities']} identities; |yaw| bins: {bins}")
     print(f"contact sheet (rows: |yaw| bins {', '.join(summary['contact_sheet_rows'])}): {sheet}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
+# train / export
+# --------------------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from posefr_dist.config import load_config
+    from posefr_dist.train.trainer import train
+
+    overrides = list(args.overrides)
+    if args.resume_from:
+        overrides.append(f"train.resume_from={args.resume_from}")
+    cfg = load_config(args.config, overrides)
+    out = train(cfg)  # checks the config and the data before Ray starts
+    metric = cfg.train.checkpoint_metric
+    print(f"run: {out.run_uri}")
+    print(f"best checkpoint: {out.best_checkpoint} ({metric} = {out.best_metrics.get(metric)})")
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from posefr_dist.train.checkpoint import export_checkpoint
+
+    conf = export_checkpoint(args.checkpoint, args.out)
+    print(f"exported the 2D model ({conf.get('encoder_2d')}, {conf.get('embedding_dim')}-d) to {args.out}")
     return EXIT_OK
 
 
@@ -171,6 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--sheet", help="where to write the contact sheet PNG (default URI/contact_sheet.png)")
     i.set_defaults(func=cmd_inspect)
 
+    t = sub.add_parser("train", help="distributed training (Ray Train + DeepSpeed)")
+    t.add_argument("--config", help="YAML config (see jobs/configs/)")
+    t.add_argument("--resume-from", help="checkpoint URI to resume from (any number of workers)")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=3")
+    t.set_defaults(func=cmd_train)
+
+    x = sub.add_parser("export", help="export the 2D path of a checkpoint for inference")
+    x.add_argument("--checkpoint", required=True, help="checkpoint URI (folder or s3://)")
+    x.add_argument("--out", required=True, help="output folder or s3:// URI")
+    x.set_defaults(func=cmd_export)
+
     d = sub.add_parser("demo", help="the main job on the embedded default: local Ray, local folder, synthetic data")
     d.add_argument("--out", default="out/demo")
     d.add_argument("--identities", type=int, default=60)
@@ -194,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (ConfigError, ShardError, StorageError, FileNotFoundError) as e:
+    except (ConfigError, ShardError, StorageError, FileNotFoundError, RuntimeError) as e:
         print(f"posefr {args.command}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
 

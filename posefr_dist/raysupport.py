@@ -28,3 +28,18 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if not os.environ.get("RAY_ADDRESS"):
         kwargs.update(num_cpus=num_cpus, include_dashboard=False)
     ray.init(**kwargs)
+    quiet_ray_data()
+
+
+def quiet_ray_data() -> None:
+    """No progress bars from Ray Data (they flood logs of batch jobs and workers)."""
+    try:
+        from ray.data import DataContext
+
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        if hasattr(ctx, "enable_rich_progress_bars"):
+            ctx.enable_rich_progress_bars = False
+    except Exception:  # pragma: no cover - older/newer Ray without these fields
+        pass

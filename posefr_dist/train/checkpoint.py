@@ -1,0 +1,145 @@
+"""Checkpoints: DeepSpeed's own state plus a consolidated model and our metadata.
+
+A checkpoint folder (one per report, merged from all workers by Ray Train)::
+
+    meta.json            resolved config, label count, epoch, step, data position, world size, metrics
+    model.safetensors    consolidated fp32 weights of the whole model (rank 0; gathered under ZeRO-3)
+    deepspeed/<tag>/...  DeepSpeed's checkpoint: module + optimizer (+ per-rank ZeRO partitions)
+
+Resume on the same number of workers loads DeepSpeed's state (weights, optimizer, scheduler).
+Resume on a different number of workers under ZeRO 1-3, whose optimizer state is partitioned per
+rank, loads the consolidated weights and restarts the optimizer state (logged); under ZeRO 0 the
+optimizer state is not partitioned and loads on any number of workers. Exported models are built
+from ``model.safetensors`` and never unpickle anything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+META = "meta.json"
+WEIGHTS = "model.safetensors"
+DS_DIR = "deepspeed"
+DS_TAG = "state"
+
+
+def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor]:
+    """The full fp32 state dict of the engine's module (gathers ZeRO-3 partitions)."""
+    module = engine.module
+    if getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
+        import deepspeed
+
+        params = list(module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
+            for k, v in module.state_dict().items()}
+
+
+def save(engine: Any, folder: str, meta: dict[str, Any], rank: int) -> None:
+    """Write this worker's part of a checkpoint into ``folder`` (collective: all ranks call it)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    engine.save_checkpoint(os.path.join(folder, DS_DIR), tag=DS_TAG, save_latest=False)
+    state = consolidated_state_dict(engine)  # collective under ZeRO-3
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, WEIGHTS))
+        with open(os.path.join(folder, META), "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True, default=str)
+
+
+def read_meta(folder: str) -> dict[str, Any]:
+    with open(os.path.join(folder, META)) as f:
+        return json.load(f)
+
+
+def load_weights(folder: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(folder, WEIGHTS))
+
+
+def load(engine: Any, folder: str, world_size: int) -> dict[str, Any]:
+    """Restore ``engine`` from a checkpoint folder; returns its metadata."""
+    meta = read_meta(folder)
+    same_world = int(meta.get("world_size", world_size)) == world_size
+    zero = int(meta.get("zero_stage", 0))
+    if same_world or zero == 0:
+        path, _ = engine.load_checkpoint(os.path.join(folder, DS_DIR), tag=DS_TAG, load_module_strict=True,
+                                         load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"{folder}: DeepSpeed found no checkpoint under {DS_DIR}/{DS_TAG}")
+        meta["optimizer_state"] = "restored"
+    else:
+        state = load_weights(folder)
+        module = engine.module
+        if getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
+                module.load_state_dict(state, strict=True)
+        else:
+            module.load_state_dict(state, strict=True)
+            # ZeRO 1/2 keep fp32 master copies: refresh them from the loaded weights
+            refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
+            if callable(refresh):
+                refresh()
+        log.warning("checkpoint %s was written by %s workers under ZeRO-%d; resuming on %d workers with the "
+                    "consolidated weights and a fresh optimizer state", folder, meta.get("world_size"), zero,
+                    world_size)
+        if engine.lr_scheduler is not None:
+            engine.lr_scheduler.last_epoch = int(meta.get("global_step", 0)) - 1
+            engine.lr_scheduler.step()
+        meta["optimizer_state"] = "reset (different world size under ZeRO)"
+    return meta
+
+
+def export_checkpoint(ckpt_uri: str, out_uri: str) -> dict[str, Any]:
+    """Export the 2D path of a training checkpoint to the inference format (safetensors + JSON).
+
+    ``ckpt_uri`` and ``out_uri`` may be folders or ``s3://`` URIs. Returns the export's config.
+    """
+    import shutil
+    import tempfile
+
+    from posefr_dist import storage
+    from posefr_dist.config import LossConfig, ModelConfig
+    from posefr_dist.model import build_model, export_2d
+
+    work = tempfile.mkdtemp(prefix="posefr-export-")
+    try:
+        src = storage.local_path(ckpt_uri)
+        if src is None:
+            src = os.path.join(work, "ckpt")
+            for name in (META, WEIGHTS):
+                os.makedirs(src, exist_ok=True)
+                with open(os.path.join(src, name), "wb") as f:
+                    f.write(storage.read_bytes(storage.join(ckpt_uri, name)))
+        if not os.path.exists(os.path.join(src, META)):
+            raise FileNotFoundError(f"{ckpt_uri}: not a checkpoint (no {META})")
+        meta = read_meta(src)
+        cfg = meta["config"]
+        model = build_model(ModelConfig(**cfg["model"]), LossConfig(**cfg["loss"]), num_classes=meta["num_classes"],
+                            image_size=meta["image_size"], num_points=meta["num_points"])
+        model.load_state_dict(load_weights(src), strict=True)
+        model.eval()
+        out_local = storage.local_path(out_uri) or os.path.join(work, "export")
+        export_2d(model, out_local)
+        extra = {"source_checkpoint": ckpt_uri, "epoch": meta.get("epoch"), "global_step": meta.get("global_step"),
+                 "metrics": meta.get("metrics", {})}
+        with open(os.path.join(out_local, "training.json"), "w") as f:
+            json.dump(extra, f, indent=2, sort_keys=True, default=str)
+        if storage.local_path(out_uri) is None:
+            storage.upload_dir(out_local, out_uri)
+        with open(os.path.join(out_local, "config.json")) as f:
+            return json.load(f)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,313 @@
+"""The per-worker training loop run by Ray Train (``train_loop_per_worker``).
+
+Each worker builds the model, wraps it in a DeepSpeed engine, streams its share of the train split
+(Ray Train's ``get_dataset_shard``), and at every epoch end (and every ``val_every_steps``)
+validates the 2D branch on the val split with the exact pose-binned protocol, saves a checkpoint
+and reports both with ``ray.train.report``. A restarted worker group resumes from the last reported
+checkpoint; an explicit ``resume_from`` does the same from any checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import tempfile
+import time
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from posefr_dist.config import Config, load_config
+from posefr_dist.data.pipeline import augment_batch, iter_epoch
+
+log = logging.getLogger("posefr.train")
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    from posefr_dist.config import _build
+
+    return _build(Config, tree)
+
+
+def flatten_report(report: dict[str, Any], prefix: str = "val") -> dict[str, float]:
+    """``val/tar@far=0.01/90+``-style scalars from a verification report (missing values -> NaN)."""
+    out: dict[str, float] = {}
+    for name, b in report["bins"].items():
+        for far, tar in (b.get("tar_at_far") or {}).items():
+            out[f"{prefix}/tar@far={far}/{name}"] = float("nan") if tar is None else float(tar)
+        if b.get("eer") is not None:
+            out[f"{prefix}/eer/{name}"] = float(b["eer"])
+    return out
+
+
+def embed_split(module: torch.nn.Module, batches: Iterator[dict[str, Any]], device: torch.device,
+                dtype: torch.dtype) -> dict[str, np.ndarray]:
+    """2D embeddings of every row of an iterator, with their ids and yaw."""
+    embs, subs, yaws, sids = [], [], [], []
+    was_training = module.training
+    module.eval()
+    with torch.no_grad():
+        for b in batches:
+            e = module.embed_2d(b["image"].to(device=device, dtype=dtype))
+            embs.append(e.float().cpu().numpy())
+            subs += list(b["subject_id"])
+            sids += list(b["sample_id"])
+            yaws.append(b["yaw_deg"].float().numpy())
+    module.train(was_training)
+    if not embs:
+        return {"embedding": np.zeros((0, 1), np.float32), "subject_id": np.array([]), "yaw_deg": np.zeros(0),
+                "sample_id": np.array([])}
+    return {"embedding": np.concatenate(embs), "subject_id": np.asarray(subs), "yaw_deg": np.concatenate(yaws),
+            "sample_id": np.asarray(sids)}
+
+
+def validate(cfg: Config, emb: dict[str, np.ndarray]) -> dict[str, float]:
+    from posefr_dist.eval import verify_arrays
+
+    yaw = emb["yaw_deg"]
+    enrollment = np.abs(yaw) <= cfg.eval.enroll_max_yaw
+    if not enrollment.any() or enrollment.all():
+        log.warning("validation skipped: the val split has %d gallery and %d probe rows",
+                    int(enrollment.sum()), int((~enrollment).sum()))
+        return {}
+    report = verify_arrays(emb["embedding"], emb["subject_id"], yaw, enrollment, fars=cfg.eval.fars,
+                           yaw_edges=cfg.eval.yaw_edges)
+    return flatten_report(report)
+
+
+def sync_buffers(module: torch.nn.Module, world: int) -> None:
+    """Give every rank rank 0's buffers (batch-norm statistics, AdaFace's norm EMA).
+
+    Buffers are not gradients, so data parallelism leaves them to drift apart per rank; like
+    DDP's ``broadcast_buffers`` we broadcast rank 0's after every optimizer step. That also makes
+    rank 0's checkpoint the whole state of every rank, so a resumed run continues exactly.
+    """
+    if world < 2:
+        return
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    bufs = [b for b in module.buffers() if b.is_floating_point() or b.dtype in (torch.int64, torch.int32)]
+    if not bufs:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for b in bufs:
+        by_dtype.setdefault(b.dtype, []).append(b)
+    for group in by_dtype.values():
+        flat = _flatten_dense_tensors([b.data for b in group])
+        dist.broadcast(flat, src=0)
+        for b, v in zip(group, _unflatten_dense_tensors(flat, [b.data for b in group])):
+            b.data.copy_(v)
+
+
+class _Chaos:
+    """``train.chaos_kill_at = EPOCH:STEP:RANK``: that worker dies (SIGKILL) once per run."""
+
+    def __init__(self, spec: str, marker: str):
+        self.at = tuple(int(x) for x in spec.split(":")) if spec else None
+        self.marker = marker
+
+    def maybe_die(self, epoch: int, step_in_epoch: int, rank: int) -> None:
+        if self.at is None or (epoch, step_in_epoch, rank) != self.at or os.path.exists(self.marker):
+            return
+        os.makedirs(os.path.dirname(self.marker), exist_ok=True)
+        with open(self.marker, "w") as f:
+            f.write(f"killed rank {rank} at epoch {epoch} step {step_in_epoch}\n")
+        log.warning("chaos: killing worker rank %d at epoch %d step %d", rank, epoch, step_in_epoch)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+
+    from posefr_dist.metrics import TrainingMetrics, start_training_exporter
+    from posefr_dist.model import build_model
+    from posefr_dist.train import checkpoint as ckpt
+    from posefr_dist.train.deepspeed import deepspeed_config, import_deepspeed, lr_lambda, resolve_precision
+    from posefr_dist.train.reference import LOSS_TERMS, make_optimizer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = config_from_dict(config["cfg"])
+    meta_in: dict[str, Any] = config["meta"]
+    tc = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    deepspeed = import_deepspeed(tc.use_gpu)
+    torch.manual_seed(tc.seed)  # identical initial weights on every rank
+    np.random.seed(tc.seed)
+    if tc.use_gpu:
+        device = torch.device("cuda", ctx.get_local_rank())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, int(os.environ.get("POSEFR_TORCH_THREADS", "1"))))
+    precision = resolve_precision(tc)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+
+    model = build_model(cfg.model, cfg.loss, num_classes=meta_in["num_classes"], image_size=meta_in["image_size"],
+                        num_points=meta_in["num_points"])
+    rows_per_worker = meta_in["train_rows"] // world
+    micro_per_epoch = rows_per_worker // cfg.data.batch_size
+    steps_per_epoch = micro_per_epoch // tc.grad_accum
+    if tc.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, tc.max_steps_per_epoch)
+    if steps_per_epoch < 1:
+        raise ValueError(f"train split gives {rows_per_worker} rows per worker: fewer than one step of "
+                         f"data.batch_size={cfg.data.batch_size} x train.grad_accum={tc.grad_accum}")
+    total_steps = steps_per_epoch * tc.epochs
+    optimizer = make_optimizer(model, tc.optimizer, tc.lr, tc.weight_decay, tc.momentum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc, total_steps))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(tc, cfg.data.batch_size, world), dist_init_required=False,
+    )
+
+    start_epoch, global_step, skip_batches = 0, 0, 0
+    # after a worker-group restart, the run's last checkpoint; else the one asked for (if any)
+    resume = ray.train.get_checkpoint()
+    if resume is None and tc.resume_from:
+        from posefr_dist import storage
+
+        rfs, rpath = storage.filesystem(tc.resume_from)
+        resume = ray.train.Checkpoint(path=rpath, filesystem=rfs)
+    if resume is not None:
+        with resume.as_directory() as d:
+            m = ckpt.load(engine, d, world)
+        pos = m.get("data_position", {})
+        start_epoch, skip_batches = int(pos.get("epoch", m["epoch"] + 1)), int(pos.get("batches", 0))
+        global_step = int(m["global_step"])
+        if rank == 0:
+            log.info("resumed from checkpoint (epoch %s, step %d, optimizer %s); continuing at epoch %d batch %d",
+                     m["epoch"], global_step, m["optimizer_state"], start_epoch, skip_batches)
+
+    metrics = TrainingMetrics()
+    server = start_training_exporter(metrics, tc.metrics_port) if (rank == 0 and tc.metrics_port) else None
+    chaos = _Chaos(tc.chaos_kill_at, os.path.join(config.get("chaos_dir") or tempfile.gettempdir(), "chaos-fired"))
+    train_it = ray.train.get_dataset_shard("train")
+    val_it = ray.train.get_dataset_shard("val")
+    zero3 = tc.zero_stage == 3
+    t_run = time.perf_counter()
+
+    def checkpoint_and_report(epoch: int, step_in_epoch: int, end_of_epoch: bool, epoch_stats: dict[str, float]):
+        emb = None
+        if rank == 0 or zero3:  # under ZeRO-3 every rank takes part in each forward
+            emb = embed_split(engine.module, iter_epoch(val_it, cfg.eval.batch_size), device, dtype)
+        report: dict[str, Any] = dict(epoch_stats)
+        if rank == 0 and emb is not None:
+            report.update(validate(cfg, emb))
+            metrics.update_validation(report)
+        # the checkpoint ranking needs a number: a metric without pairs counts as 0
+        if not math.isfinite(report.get(tc.checkpoint_metric, float("nan"))):
+            report[tc.checkpoint_metric] = 0.0
+        position = {"epoch": epoch + 1, "batches": 0} if end_of_epoch else {"epoch": epoch, "batches": step_in_epoch * tc.grad_accum}
+        meta = {
+            "epoch": epoch if end_of_epoch else epoch - 1,
+            "epoch_in_progress": None if end_of_epoch else epoch,
+            "global_step": global_step,
+            "data_position": position,
+            "world_size": world,
+            "zero_stage": tc.zero_stage,
+            "precision": precision,
+            "num_classes": meta_in["num_classes"],
+            "image_size": meta_in["image_size"],
+            "num_points": meta_in["num_points"],
+            "config": config["cfg"],
+            "metrics": {k: v for k, v in report.items() if isinstance(v, (int, float))},
+        }
+        report.update(epoch=epoch, step=global_step, end_of_epoch=end_of_epoch)
+        with tempfile.TemporaryDirectory(prefix="posefr-ckpt-") as tmp:
+            ckpt.save(engine, tmp, meta, rank)
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        if rank == 0:
+            tars = {k.split("/", 1)[1]: round(v, 4) for k, v in report.items()
+                    if k.startswith("val/tar@far=0.01/") and isinstance(v, float)}
+            log.info("epoch %d step %d: validation %s", epoch, global_step, tars)
+
+    for epoch in range(start_epoch, tc.epochs):
+        engine.train()
+        metrics.epoch.set(epoch)
+        sums = {k: 0.0 for k in LOSS_TERMS}
+        seen, wait, t_epoch = 0, 0.0, time.perf_counter()
+        it = iter(iter_epoch(train_it, cfg.data.batch_size, epoch=epoch, seed=tc.seed,
+                             shuffle_buffer=cfg.data.shuffle_buffer, drop_last=True))
+        micro, step_in_epoch = 0, 0
+        while step_in_epoch < steps_per_epoch:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            wait += time.perf_counter() - t0
+            micro += 1
+            if epoch == start_epoch and micro <= skip_batches:
+                if micro % tc.grad_accum == 0:
+                    step_in_epoch += 1
+                continue  # already trained on before the checkpoint this run resumed from
+            chaos.maybe_die(epoch, step_in_epoch, rank)
+            if cfg.data.augment.enabled:
+                rng = np.random.default_rng([tc.seed, epoch, rank, micro])
+                keys = ("image", "yaw_deg", "points")
+                aug = augment_batch({k: batch[k].numpy() for k in keys}, rng, cfg.data.augment)
+                batch = {**batch, **{k: torch.from_numpy(aug[k]) for k in keys}}
+            inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            inputs["image"] = inputs["image"].to(dtype)
+            inputs["points"] = inputs["points"].to(dtype)
+            out = engine(inputs)
+            loss = out["loss"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at epoch {epoch} step {global_step}: "
+                                         + ", ".join(f"{k}={float(out[k])}" for k in LOSS_TERMS))
+            engine.backward(loss)
+            engine.step()
+            if micro % tc.grad_accum == 0:  # an optimizer step just happened
+                sync_buffers(engine.module, world)
+            n = int(inputs["image"].shape[0])
+            seen += n
+            for k in LOSS_TERMS:
+                sums[k] += float(out[k].detach().float()) * n
+            if micro % tc.grad_accum:
+                continue
+            step_in_epoch += 1
+            global_step += 1
+            if rank == 0 and (global_step % tc.log_every_steps == 0 or step_in_epoch == steps_per_epoch):
+                dt = time.perf_counter() - t_epoch
+                rate = seen * world / max(dt, 1e-9)
+                left = (tc.epochs - epoch) * steps_per_epoch - step_in_epoch
+                eta = left * dt / max(step_in_epoch, 1)
+                lr = scheduler.get_last_lr()[0] if scheduler is not None else tc.lr
+                terms = {k: sums[k] / max(seen, 1) for k in LOSS_TERMS}
+                metrics.update_losses(terms)
+                metrics.lr.set(lr)
+                metrics.step.set(global_step)
+                metrics.samples_per_s.set(rate)
+                log.info("epoch %d step %d/%d loss %.4f (2d %.4f 3d %.4f je %.4f) lr %.4g %.1f samples/s "
+                         "data wait %.0f%% ETA %.0fs", epoch, step_in_epoch, steps_per_epoch, terms["loss"],
+                         terms["loss_2d"], terms["loss_3d"], terms["loss_je"], lr, rate,
+                         100 * wait / max(dt, 1e-9), eta)
+            if tc.val_every_steps and global_step % tc.val_every_steps == 0 and step_in_epoch < steps_per_epoch:
+                checkpoint_and_report(epoch, step_in_epoch, False, _epoch_stats(sums, seen, world, wait, t_epoch,
+                                                                                 scheduler, tc))
+        stats = _epoch_stats(sums, seen, world, wait, t_epoch, scheduler, tc)
+        metrics.data_wait.set(stats["data_wait_fraction"])
+        checkpoint_and_report(epoch, step_in_epoch, True, stats)
+    if server is not None:
+        server.shutdown()
+    if rank == 0:
+        log.info("training finished in %.1fs", time.perf_counter() - t_run)
+
+
+def _epoch_stats(sums, seen, world, wait, t_epoch, scheduler, tc) -> dict[str, float]:
+    dt = time.perf_counter() - t_epoch
+    out = {f"train/{k}": v / max(seen, 1) for k, v in sums.items()}
+    out["train/samples_per_s"] = seen * world / max(dt, 1e-9)
+    out["train/epoch_seconds"] = dt
+    out["data_wait_fraction"] = wait / max(dt, 1e-9)
+    out["lr"] = scheduler.get_last_lr()[0] if scheduler is not None else tc.lr
+    return out
+
+
+__all__ = ["train_loop_per_worker", "config_from_dict", "flatten_report", "embed_split", "validate",
+           "load_config"]

@@ -104,7 +104,11 @@ def run_uri(cfg: Config) -> str:
     return storage.join(cfg.train.storage_path, cfg.train.run_name)
 
 
-def build_trainer(cfg: Config, meta: dict[str, Any]):
+def build_trainer(cfg: Config, meta: dict[str, Any], callbacks: list | None = None):
+    """The ``TorchTrainer`` for ``cfg`` and its (train, val) :class:`ShardDataset` pair.
+
+    ``callbacks`` are extra Ray Train ``UserCallback`` objects (e.g. Tune's report forwarding).
+    """
     import ray.train
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -139,7 +143,8 @@ def build_trainer(cfg: Config, meta: dict[str, Any]):
                 num_to_keep=tc.keep_checkpoints, checkpoint_score_attribute=tc.checkpoint_metric,
                 checkpoint_score_order=tc.checkpoint_mode),
             worker_runtime_env={"env_vars": worker_env()},
-            callbacks=[_history_callback(storage.join(tc.storage_path, tc.run_name), tc.storage_path)],
+            callbacks=[_history_callback(storage.join(tc.storage_path, tc.run_name), tc.storage_path),
+                       *(callbacks or [])],
         ),
         datasets={"train": train_ds.dataset, "val": val_ds.dataset},
         dataset_config=ray.train.DataConfig(
@@ -155,8 +160,13 @@ def _checkpoint_uri(cfg: Config, ckpt: Any) -> str:
     return ckpt.path
 
 
-def train(cfg: Config) -> TrainOutcome:
-    """Run distributed training for ``cfg``; returns the best checkpoint and the metrics."""
+def train(cfg: Config, callbacks: list | None = None) -> TrainOutcome:
+    """Run distributed training for ``cfg``; returns the best checkpoint and the metrics.
+
+    Raises:
+        ConfigError: a bad value or missing data, before any worker starts.
+        RuntimeError: the run failed (after its allowed restarts); the message has the cause.
+    """
     from posefr_dist.raysupport import ensure_ray, quiet_ray_data
 
     meta = check_config(cfg)
@@ -164,7 +174,7 @@ def train(cfg: Config) -> TrainOutcome:
     quiet_ray_data()
     uri = run_uri(cfg)
     storage.write_text(storage.join(uri, "config.yaml"), dump_config(cfg))
-    trainer, (train_ds, val_ds) = build_trainer(cfg, meta)
+    trainer, (train_ds, val_ds) = build_trainer(cfg, meta, callbacks)
     log.info("training %s (%s, %s/%s) on %d worker(s): %d classes, %d train rows -> %s", cfg.model.variant,
              cfg.model.encoder_2d, cfg.model.encoder_3d, cfg.model.head, cfg.train.num_workers,
              meta["num_classes"], meta["train_rows"], uri)

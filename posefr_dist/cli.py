@@ -110,6 +110,58 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# embed / verify / evaluate
+# --------------------------------------------------------------------------------------------
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _print_table(report: dict) -> None:
+    from posefr_dist.eval import render_markdown
+
+    print(render_markdown(report))
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from posefr_dist.eval.embed import embed
+
+    s = embed(args.model, args.data, args.split, args.out, batch_size=args.batch_size, actors=args.actors,
+              gpus_per_actor=args.gpus_per_actor, enroll_max_yaw=args.enroll_max_yaw)
+    print(f"embedded {s['rows']} rows ({s['gallery_rows']} gallery) in {s['seconds']:.1f}s "
+          f"({s['rows_per_s']:.0f} rows/s) -> {args.out}")
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from posefr_dist.eval import run_verify
+    from posefr_dist.raysupport import ensure_ray
+
+    if not args.no_ray:
+        ensure_ray()
+    report = run_verify(args.emb_uri, args.out, fars=tuple(args.far), yaw_edges=tuple(args.yaw_edges),
+                        use_ray=not args.no_ray)
+    _print_table(report)
+    print(f"report: {args.out}/report.json, report.md, roc.png, tar_vs_yaw.png")
+    return EXIT_OK
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from posefr_dist.eval.embed import evaluate
+
+    report = evaluate(args.model, args.data, args.out, split=args.split, fars=args.far, yaw_edges=args.yaw_edges,
+                      batch_size=args.batch_size, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+                      enroll_max_yaw=args.enroll_max_yaw)
+    _print_table(report)
+    print(f"report: {args.out}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
 # demo
 # --------------------------------------------------------------------------------------------
 
@@ -204,6 +256,40 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="output folder or s3:// URI")
     x.set_defaults(func=cmd_export)
 
+    def embed_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", required=True, help="exported 2D model (folder or s3://)")
+        p.add_argument("--data", required=True, help="shard root (folder or s3://)")
+        p.add_argument("--split", default="test")
+        p.add_argument("--batch-size", type=int, default=256)
+        p.add_argument("--actors", type=int, default=1, help="embedding actors (model replicas)")
+        p.add_argument("--gpus-per-actor", type=float, default=0.0)
+        p.add_argument("--enroll-max-yaw", type=float, default=15.0, help="gallery = |yaw| <= this")
+
+    e = sub.add_parser("embed", help="embed a split with the exported 2D model (Ray Data actor pool)")
+    embed_args(e)
+    e.add_argument("--out", required=True, help="embeddings folder or s3:// URI")
+    e.set_defaults(func=cmd_embed)
+
+    fars_default, edges_default = "0.1,0.01,0.001,0.0001", "0,30,60,90"
+    v = sub.add_parser("verify", help="exact pose-binned verification of an embeddings table")
+    v.add_argument("emb_uri", help="embeddings: one Parquet file or a folder of them (local or s3://)")
+    v.add_argument("--out", required=True, help="report folder")
+    v.add_argument("--far", type=_floats, default=_floats(fars_default), help=f"default {fars_default}")
+    v.add_argument("--yaw-edges", type=_floats, default=_floats(edges_default), help=f"default {edges_default}")
+    v.add_argument("--no-ray", action="store_true", help="score in this process")
+    v.set_defaults(func=cmd_verify)
+
+    ev = sub.add_parser("evaluate", help="embed + verify")
+    embed_args(ev)
+    ev.add_argument("--out", required=True, help="output folder or s3:// URI (report + embeddings/)")
+    ev.add_argument("--far", type=_floats, default=_floats(fars_default))
+    ev.add_argument("--yaw-edges", type=_floats, default=_floats(edges_default))
+    ev.set_defaults(func=cmd_evaluate)
+
+    from posefr_dist.data.ingest.cli import add_ingest_parser
+
+    add_ingest_parser(sub)
+
     d = sub.add_parser("demo", help="the main job on the embedded default: local Ray, local folder, synthetic data")
     d.add_argument("--out", default="out/demo")
     d.add_argument("--identities", type=int, default=60)
@@ -227,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (ConfigError, ShardError, StorageError, FileNotFoundError, RuntimeError) as e:
+    except (ConfigError, ShardError, StorageError, FileNotFoundError, RuntimeError, ValueError) as e:
         print(f"posefr {args.command}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
 

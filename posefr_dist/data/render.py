@@ -316,9 +316,9 @@ def render(surface: HeadSurface, yaw_deg: float, pitch_deg: float, rng: np.rando
     light /= np.linalg.norm(light)
     half = light + d
     half /= np.linalg.norm(half)
-    ambient = rng.uniform(0.25, 0.55)
-    key = rng.uniform(0.5, 0.9)
-    tint = rng.uniform(0.85, 1.15, 3).astype(np.float32)
+    ambient = rng.uniform(0.3, 0.5)
+    key = rng.uniform(0.55, 0.85)
+    tint = rng.uniform(0.93, 1.07, 3).astype(np.float32)
     shade = nrm @ np.stack([light, half], 1)
     lam = np.clip(shade[:, 0], 0.0, 1.0)
     spec = np.clip(shade[:, 1], 0.0, 1.0) ** 20 * rng.uniform(0.0, 0.25)

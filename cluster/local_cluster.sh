@@ -9,7 +9,7 @@
 #
 #   cluster/local_cluster.sh start
 #   RAY_AUTH_MODE=disabled ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-#       python jobs/train.py --config jobs/configs/paper.yaml
+#       python jobs/train.py --config jobs/configs/paper-gpu.yaml
 #   cluster/local_cluster.sh stop
 #
 # Settings (environment):

@@ -909,8 +909,8 @@ def raycluster_layout_errors(doc: dict) -> list[str]:
 
 
 ENTRYPOINTS = {
-    "train": re.compile(r"^python (/app/)?jobs/train\.py --config (/app/)?jobs/configs/paper\.yaml( \S+=\S+)*$"),
-    "tune": re.compile(r"^python (/app/)?jobs/tune\.py --config (/app/)?jobs/configs/tune\.yaml --num-samples \d+$"),
+    "train": re.compile(r"^python (/app/)?jobs/train\.py --config (/app/)?jobs/configs/paper-gpu\.yaml( \S+=\S+)*$"),
+    "tune": re.compile(r"^python (/app/)?jobs/tune\.py --config (/app/)?jobs/configs/tune-paper-gpu\.yaml --num-samples \d+$"),
     "nightly": re.compile(r"^python (/app/)?jobs/nightly\.py --models s3://\S+ --data s3://\S+ --history s3://\S+"
                           r"( --pushgateway [\w.-]+:\d+)?$"),
 }
@@ -1404,9 +1404,9 @@ def test_broken_podmonitor_is_reported():
 
 
 def test_broken_entrypoints_are_reported():
-    assert entrypoint_kind("python jobs/train.py --config jobs/configs/paper.yaml train.epochs=3") == "train"
-    assert entrypoint_kind("python jobs/train.py --cfg jobs/configs/paper.yaml") is None
-    assert entrypoint_kind("python jobs/tune.py --config jobs/configs/tune.yaml") is None
+    assert entrypoint_kind("python jobs/train.py --config jobs/configs/paper-gpu.yaml train.epochs=3") == "train"
+    assert entrypoint_kind("python jobs/train.py --cfg jobs/configs/paper-gpu.yaml") is None
+    assert entrypoint_kind("python jobs/tune.py --config jobs/configs/tune-paper-gpu.yaml") is None
     assert entrypoint_kind("python jobs/nightly.py --models /local --data s3://b/d --history s3://b/h") is None
 
 

@@ -12,7 +12,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench reproduce clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,13 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/data_pipeline.py
+	$(BIN)/python benchmarks/model.py
+	$(BIN)/python benchmarks/verify.py
+	$(BIN)/python benchmarks/train.py
+
+# the ablation 2d-only vs jam vs jam-je over 3 seeds (about an hour on 2 cores)
+reproduce: $(STAMP)
+	$(BIN)/python benchmarks/reproduce.py --preset cpu --out out/reproduce
 
 clean:
 	rm -rf $(VENV) out .cache

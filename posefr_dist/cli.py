@@ -302,8 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_evaluate)
 
     from posefr_dist.data.ingest.cli import add_ingest_parser
+    from posefr_dist.eval.nightly import add_nightly_parser
 
     add_ingest_parser(sub)
+    add_nightly_parser(sub)
 
     d = sub.add_parser("demo", help="the main job on the embedded default: local Ray, local folder, synthetic data")
     d.add_argument("--out", default="out/demo")

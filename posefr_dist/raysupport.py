@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 #: variables every Ray worker needs to see (object storage, DeepSpeed on the CPU, no telemetry)
@@ -13,7 +14,17 @@ FORWARDED_ENV = (
 
 
 def worker_env() -> dict[str, str]:
-    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    """The forwarded variables this process has, less those a submitted job's own runtime env
+    already sets (Ray refuses to merge a job's runtime env with a conflicting one)."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by Ray in drivers of submitted jobs
+    if job:
+        try:
+            taken = (json.loads(job).get("runtime_env") or {}).get("env_vars") or {}
+        except (ValueError, AttributeError):
+            taken = {}
+        env = {k: v for k, v in env.items() if k not in taken}
+    return env
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:

@@ -88,6 +88,12 @@ class Embedder:
         ], schema=self.schema)
 
 
+def _check_model(model_uri: str) -> None:
+    if not storage.exists(storage.join(model_uri, "config.json")):
+        raise FileNotFoundError(f"exported model {model_uri}: config.json is missing "
+                                "(expected the output of `posefr export`)")
+
+
 def _cpus_per_actor(actors: int, gpus_per_actor: float) -> float:
     """CPUs per embedding actor, leaving at least one CPU for the read/decode tasks that feed them
     (actors holding every CPU would starve those tasks and the pipeline would stall)."""
@@ -112,6 +118,7 @@ def embed(model_uri: str, data_uri: str, split: str, out_uri: str, *, batch_size
     from posefr_dist.data.pipeline import build_dataset
     from posefr_dist.raysupport import ensure_ray, quiet_ray_data
 
+    _check_model(model_uri)  # a clear error here, not a traceback from inside an actor
     ensure_ray()
     quiet_ray_data()
     man = S.read_manifest(data_uri)

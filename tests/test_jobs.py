@@ -209,7 +209,6 @@ def test_failing_job_ends_failed_with_its_message_in_the_logs(ray_head, eval_inp
     assert not (eval_inputs / "never" / "report.json").exists()
 
 
-@pytest.mark.slow
 def test_documented_runtime_env_yaml_reaches_the_job_code(ray_head, eval_inputs):
     """The documented submission (``--runtime-env jobs/runtime_env.yaml``) runs the job's code: here
     it stops at the first check of the data, with the project's own message."""

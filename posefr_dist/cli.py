@@ -303,9 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from posefr_dist.data.ingest.cli import add_ingest_parser
     from posefr_dist.eval.nightly import add_nightly_parser
+    from posefr_dist.tune.cli import add_tune_parser
 
     add_ingest_parser(sub)
     add_nightly_parser(sub)
+    add_tune_parser(sub)
 
     d = sub.add_parser("demo", help="the main job on the embedded default: local Ray, local folder, synthetic data")
     d.add_argument("--out", default="out/demo")

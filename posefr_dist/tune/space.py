@@ -1,0 +1,211 @@
+"""The search space: dotted config keys mapped to distributions, checked before anything starts.
+
+A space is written in the config file (``tune.space``)::
+
+    tune:
+      space:
+        loss.lambda_je: {loguniform: [1.0e-3, 10]}
+        loss.je_bins: {choice: [16, 32, 64]}
+        loss.je_bandwidth: {uniform: [0.5, 2.0]}
+        train.lr: {randint: [1, 4]}          # integers, both ends included
+
+Every key must name a field of the config; every value a distribution can produce is checked
+against that field (type and range), so a bad space fails on load with a message naming the key.
+This module imports no Ray: it is used by :class:`posefr_dist.config.TuneConfig` itself.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+from posefr_dist.config import Config, ConfigError, check_value, from_dict, key_type, to_dict
+
+#: distribution name -> how many list items it takes (None = one or more)
+DISTRIBUTIONS = {"loguniform": 2, "uniform": 2, "randint": 2, "choice": None, "grid": None}
+
+#: keys a trial sets itself, or that make no sense to search
+RESERVED = ("tune.", "train.storage_path", "train.run_name", "train.resume_from", "train.chaos_kill_at")
+
+
+def _err(key: str, msg: str) -> ConfigError:
+    return ConfigError(f"tune.space.{key}: {msg}")
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def parse_spec(key: str, spec: Any) -> tuple[str, list[Any]]:
+    """``{loguniform: [a, b]}`` -> ``("loguniform", [a, b])`` with the shape and bounds checked."""
+    if not isinstance(spec, Mapping) or len(spec) != 1:
+        raise _err(key, f"expected one distribution such as {{uniform: [0.5, 2.0]}} or "
+                        f"{{choice: [16, 32]}}, got {spec!r}; distributions: {', '.join(DISTRIBUTIONS)}")
+    (name, args), = spec.items()
+    if name not in DISTRIBUTIONS:
+        raise _err(key, f"unknown distribution {name!r}; distributions: {', '.join(DISTRIBUTIONS)}")
+    if not isinstance(args, (list, tuple)) or not args:
+        raise _err(key, f"{name} takes a non-empty list, got {args!r}")
+    args = [float(a) if isinstance(a, str) and _looks_float(a) else a for a in args]  # YAML 1.1: 1e-3
+    want = DISTRIBUTIONS[name]
+    if want is not None:
+        if len(args) != want or not all(_number(a) for a in args):
+            raise _err(key, f"{name} takes [low, high] (two numbers), got {args!r}")
+        lo, hi = args
+        if not lo < hi:
+            raise _err(key, f"{name} needs low < high, got [{lo}, {hi}]")
+        if name == "loguniform" and lo <= 0:
+            raise _err(key, f"loguniform needs low > 0, got {lo}")
+        if name == "randint" and not all(float(a).is_integer() for a in args):
+            raise _err(key, f"randint takes integer bounds, got {args!r}")
+    return name, list(args)
+
+
+def _looks_float(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _check_key(key: Any) -> type:
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"tune.space: keys must be dotted config keys such as 'loss.lambda_je', got {key!r}")
+    if key.startswith(RESERVED) or key == "tune":
+        raise _err(key, "cannot be searched (set by the experiment itself)")
+    try:
+        return key_type(key)
+    except ConfigError as e:
+        raise ConfigError(f"tune.space: {e}") from None
+
+
+def _check_values(key: str, values: list[Any]) -> list[Any]:
+    out = []
+    for v in values:
+        try:
+            out.append(check_value(key, v))
+        except ConfigError as e:
+            raise ConfigError(f"tune.space: {e} (value {v!r} of the distribution)") from None
+    return out
+
+
+def flatten_space(space: Any) -> Any:
+    """Nested groups to dotted keys: ``{loss: {je_bins: {choice: [...]}}}`` -> ``{"loss.je_bins": ...}``.
+
+    This is what a CLI override such as ``tune.space.loss.je_bins={choice: [16, 32]}`` produces;
+    a later entry wins over an earlier one for the same key, and ``null`` removes a key
+    (``tune.space.loss.je_bandwidth=null``)."""
+    if not isinstance(space, Mapping):
+        return space
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Mapping[str, Any]) -> None:
+        for k, v in node.items():
+            key = f"{prefix}.{k}" if prefix else str(k)
+            is_spec = isinstance(v, Mapping) and (len(v) == 1 and next(iter(v)) in DISTRIBUTIONS
+                                                  or _names_field(key))
+            if isinstance(v, Mapping) and v and not is_spec:
+                walk(key, v)
+            else:
+                out.pop(key, None)
+                if v is not None:
+                    out[key] = v
+
+    walk("", space)
+    return out
+
+
+def _names_field(key: str) -> bool:
+    try:
+        key_type(key)
+        return True
+    except ConfigError:
+        return False
+
+
+def check_space(space: Mapping[str, Any], search: str = "optuna") -> dict[str, Any]:
+    """Raise :class:`ConfigError` naming the key if ``space`` is not a valid search space;
+    returns it with each distribution in canonical form (``{name: [numbers...]}``)."""
+    if not isinstance(space, Mapping) or not space:
+        raise ConfigError("tune.space: need a mapping of one or more dotted keys to distributions")
+    out: dict[str, Any] = {}
+    for key, spec in space.items():
+        tp = _check_key(key)
+        name, args = parse_spec(key, spec)
+        out[key] = {name: args}
+        if name in ("uniform", "loguniform") and tp is int:
+            raise _err(key, f"is an integer field; use randint or choice instead of {name}")
+        if name == "randint" and tp is not int and tp is not float:
+            raise _err(key, "randint needs a numeric field")
+        if name == "grid" and search != "random":
+            raise _err(key, "grid needs tune.search=random (Optuna samples; it does not enumerate grids)")
+        values = _check_values(key, [int(a) for a in args] if name == "randint" else args)
+        if name in ("choice", "grid"):
+            out[key] = {name: values}  # typed as the field (YAML 1.1 reads 1e-3 as a string)
+    return out
+
+
+def check_initial_points(points: list[Any], space: Mapping[str, Any], search: str = "optuna") -> list[dict]:
+    """Each point sets keys of the space to values the space can produce (Optuna: every key);
+    returns the points with values typed as their fields."""
+    typed: list[dict] = []
+    for i, point in enumerate(points):
+        where = f"tune.initial_points[{i}]"
+        if not isinstance(point, Mapping) or not point:
+            raise ConfigError(f"{where}: expected a mapping of dotted keys to values, got {point!r}")
+        if search == "optuna" and set(point) != set(space):
+            missing = [k for k in space if k not in point]
+            if missing:
+                raise ConfigError(f"{where}: Optuna needs a value for every key of tune.space; "
+                                  f"missing {', '.join(missing)}")
+        for key, value in point.items():
+            if key not in space:
+                raise ConfigError(f"{where}.{key}: not a key of tune.space ({', '.join(space)})")
+            try:
+                value = check_value(key, value)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
+            name, args = parse_spec(key, space[key])
+            if name in ("choice", "grid"):
+                ok = value in args
+            else:
+                ok = args[0] <= value <= args[1]
+            if not ok:
+                raise ConfigError(f"{where}.{key}: {value!r} is outside tune.space.{key} ({name} {args})")
+        typed.append({key: check_value(key, value) for key, value in point.items()})
+    return typed
+
+
+def to_tune_space(space: Mapping[str, Any]) -> dict[str, Any]:
+    """The space as Ray Tune sample objects (flat dotted keys)."""
+    from ray import tune
+
+    out: dict[str, Any] = {}
+    for key, spec in space.items():
+        name, args = parse_spec(key, spec)
+        if name == "loguniform":
+            out[key] = tune.loguniform(float(args[0]), float(args[1]))
+        elif name == "uniform":
+            out[key] = tune.uniform(float(args[0]), float(args[1]))
+        elif name == "randint":
+            out[key] = tune.randint(int(args[0]), int(args[1]) + 1)  # Tune's upper end is exclusive
+        elif name == "choice":
+            out[key] = tune.choice(list(args))
+        else:
+            out[key] = tune.grid_search(list(args))
+    return out
+
+
+def apply_params(cfg: Config, params: Mapping[str, Any], **fixed: Any) -> Config:
+    """``cfg`` with the dotted ``params`` (and ``fixed`` ``section__field=value`` pairs) set,
+    validated as a whole."""
+    tree = to_dict(cfg)
+    items = list(params.items()) + [(k.replace("__", "."), v) for k, v in fixed.items()]
+    for key, value in items:
+        node = tree
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node[p]
+        node[parts[-1]] = value.item() if hasattr(value, "item") else value  # numpy scalars
+    return from_dict(tree)

@@ -1,0 +1,283 @@
+"""Ray Tune search of the entropy-loss weights: trials run the real Ray Train trainer on CPU.
+
+The end-to-end experiments (marked slow) share one local Ray (2 CPUs) and one tiny synthetic data
+set; each trial is a 1-worker run of one or two epochs. The rest checks the search space, the
+resources, the outputs and the CLI without Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+from posefr_dist.config import ConfigError, dump_config, load_config
+from posefr_dist.data.synth import synthesize
+from posefr_dist.tune.search import concurrency, experiment_uri, run_tune, trial_config
+from posefr_dist.tune.space import apply_params
+from tests.data_utils import tiny_cfg
+
+REPO = Path(__file__).resolve().parents[1]
+TUNE_CONFIG = REPO / "jobs" / "configs" / "tune-tiny-cpu.yaml"
+#: a validation metric that is defined on the tiny validation split (it has few 90+ probes)
+METRIC = "val/tar@far=0.1/all"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tune") / "shards"
+    synthesize(tiny_cfg(identities=24, views_per_identity=8, rows_per_shard=32, val_fraction=0.25,
+                        test_fraction=0.15), str(root), use_ray=False)
+    return str(root)
+
+
+def _cfg(data: str, out: Path, name: str, *extra: str):
+    return load_config(TUNE_CONFIG, [f"data.uri={data}", f"tune.storage_path={out / 'tune'}",
+                                     f"train.storage_path={out / 'runs'}", f"tune.name={name}",
+                                     f"tune.metric={METRIC}", *extra])
+
+
+# --------------------------------------------------------------------------------------------
+# Search space, resources, outputs, CLI (no Ray)
+# --------------------------------------------------------------------------------------------
+
+
+def test_default_space_is_the_entropy_weights():
+    space = load_config(None).tune.space
+    assert space == {"loss.lambda_je": {"loguniform": [1e-3, 10.0]}, "loss.je_bins": {"choice": [16, 32, 64]},
+                     "loss.je_bandwidth": {"uniform": [0.5, 2.0]}}
+    cfg = load_config(None)
+    assert (cfg.tune.metric, cfg.tune.mode, cfg.tune.search, cfg.tune.scheduler) == \
+        ("val/tar@far=0.01/90+", "max", "optuna", "asha")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("tune.space.loss.lambda_jee={uniform: [1, 2]}", r"tune.space: loss.lambda_jee: unknown key; did you mean lambda_je"),
+    ("tune.space.loss.lambda_je={normal: [0, 1]}", r"tune.space.loss.lambda_je: unknown distribution 'normal'"),
+    ("tune.space.loss.lambda_je={loguniform: [0, 1]}", r"tune.space.loss.lambda_je: loguniform needs low > 0"),
+    ("tune.space.loss.je_bandwidth={uniform: [2, 1]}", r"tune.space.loss.je_bandwidth: uniform needs low < high"),
+    ("tune.space.loss.je_bins={uniform: [8, 64]}", r"tune.space.loss.je_bins: is an integer field; use randint"),
+    ("tune.space.loss.je_bins={choice: [1, 16]}", r"tune.space: loss.je_bins: must be in \[2, 512\], got 1"),
+    ("tune.space.loss.je_bins={randint: [8.5, 16]}", r"tune.space.loss.je_bins: randint takes integer bounds"),
+    ("tune.space.loss.je_bins={grid: [16, 32]}", r"tune.space.loss.je_bins: grid needs tune.search=random"),
+    ("tune.space.loss.w_3d=3", r"tune.space.loss.w_3d: expected one distribution"),
+    ("tune.space.train.run_name={choice: [a, b]}", r"tune.space.train.run_name: cannot be searched"),
+    ("tune.space.loss={choice: [1]}", r"tune.space: loss: names a whole section"),
+    ("tune.initial_points=[{loss.lambda_je: 0.1}]", r"tune.initial_points\[0\]: Optuna needs a value for every key"),
+    ("tune.time_attr=epoch", r"tune.time_attr: got 'epoch'"),
+    ("tune.driver_cpus=0", r"tune.driver_cpus: must be > 0"),
+])
+def test_bad_space_and_settings_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TUNE_CONFIG, [override])
+
+
+def test_space_overrides_nest_replace_and_remove(tmp_path):
+    cfg = load_config(TUNE_CONFIG, ["tune.space.loss.je_bins={choice: [16, 32]}", "tune.space.loss.je_bandwidth=null",
+                                    "tune.space.train.lr={loguniform: [1e-6, 0.1]}"])
+    assert cfg.tune.space == {"loss.lambda_je": {"loguniform": [1e-3, 10.0]}, "loss.je_bins": {"choice": [16, 32]},
+                              "train.lr": {"loguniform": [1e-6, 0.1]}}
+    # the resolved config (what an experiment saves) loads back the same
+    (tmp_path / "c.yaml").write_text(dump_config(cfg))
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_trial_config_applies_values_and_places_the_run():
+    base = load_config(TUNE_CONFIG, [f"tune.metric={METRIC}"])
+    cfg = trial_config(base, {"loss.lambda_je": 0.5, "loss.je_bins": 64, "loss.je_bandwidth": 1.5}, "s3://b/exp", "t1")
+    assert (cfg.loss.lambda_je, cfg.loss.je_bins, cfg.loss.je_bandwidth) == (0.5, 64, 1.5)
+    assert (cfg.train.storage_path, cfg.train.run_name) == ("s3://b/exp/runs", "t1")
+    assert (cfg.train.checkpoint_metric, cfg.train.checkpoint_mode) == (METRIC, "max")
+    assert base.loss.lambda_je == 0.1  # the base is untouched
+    with pytest.raises(ConfigError, match="loss.je_bins"):
+        apply_params(base, {"loss.je_bins": 1})
+
+
+def test_concurrency_from_resources():
+    cfg = load_config(TUNE_CONFIG, ["tune.max_concurrent=0"])  # 1 worker x 0.5 CPU + 0.2 driver
+    assert concurrency(cfg, {"CPU": 2.0}) == 1
+    assert concurrency(cfg, {"CPU": 16.0}) == 9  # 0.7 held + 1.0 for data per trial
+    gpu = load_config(TUNE_CONFIG, ["tune.max_concurrent=0", "train.use_gpu=true", "train.num_workers=2"])
+    assert concurrency(gpu, {"CPU": 64.0, "GPU": 8.0}) == 4
+    with pytest.raises(ConfigError, match="one trial needs 2 GPU"):
+        concurrency(gpu, {"CPU": 64.0, "GPU": 1.0})
+    with pytest.raises(ConfigError, match="tune.max_concurrent: 2 trials hold 1.4 of the cluster's 2 CPUs"):
+        concurrency(load_config(TUNE_CONFIG, ["tune.max_concurrent=2"]), {"CPU": 2.0})
+
+
+def test_outputs_from_rows(tmp_path):
+    """Table (sorted, CSV + Markdown), best config and plot from plain trial rows."""
+    from posefr_dist.tune.results import sort_rows, write_outputs
+
+    cfg = load_config(TUNE_CONFIG, [f"tune.metric={METRIC}", "tune.num_samples=4"])
+    rows = []
+    for tid, status, lam, obj in [("a", "completed", 0.01, 0.5), ("b", "stopped early", 3.0, 0.2),
+                                  ("c", "error", 0.2, float("nan")), ("d", "completed", 0.1, 0.7)]:
+        rows.append({"trial_id": tid, "status": status, "epochs_done": 2.0, "objective": obj, "objective_last": obj,
+                     "loss.lambda_je": lam, "loss.je_bins": 32, "loss.je_bandwidth": 1.0, "train/loss": 1.0,
+                     "time_s": 1.0, "run": f"runs/{tid}", "checkpoint": "", "error": ""})
+    rows = sort_rows(rows, "max")
+    assert [r["trial_id"] for r in rows] == ["d", "a", "b", "c"]
+    outputs, summary = write_outputs(rows, cfg, str(tmp_path), wall_s=12.0)
+    assert summary["best"]["trial_id"] == "d" and not summary["interrupted"]
+    table = list(csv.DictReader(open(outputs["table_csv"])))
+    assert [r["trial_id"] for r in table] == ["d", "a", "b", "c"] and table[0]["rank"] == "1"
+    md = Path(outputs["table_md"]).read_text()
+    assert md.count("\n| ") == 5 and "stopped early" in md
+    assert Path(outputs["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    best = load_config(outputs["best_config"])
+    assert best.loss.lambda_je == 0.1 and best.train.run_name == "tiny-je-best"
+    assert best.train.storage_path == cfg.train.storage_path
+    assert Path(outputs["best_config"]).read_text().startswith("# Best trial d")
+
+
+def test_cli_parser_and_new_experiment_over_an_old_one(shards, tmp_path):
+    from posefr_dist.tune.cli import add_tune_parser, main
+
+    p = argparse.ArgumentParser()
+    add_tune_parser(p.add_subparsers(dest="command"))
+    args = p.parse_args(["tune", "--config", "c.yaml", "--num-samples", "3", "--max-concurrent", "1", "--resume",
+                         "train.epochs=1"])
+    assert (args.num_samples, args.max_concurrent, args.resume, args.overrides) == (3, 1, True, ["train.epochs=1"])
+    assert callable(args.func)
+    # an existing experiment is not overwritten; a bad value fails before Ray starts
+    cfg = _cfg(shards, tmp_path, "exists")
+    os.makedirs(experiment_uri(cfg))
+    Path(experiment_uri(cfg), "base_config.yaml").write_text(dump_config(cfg))
+    with pytest.raises(ConfigError, match="exists; continue it with --resume"):
+        run_tune(cfg)
+    common = ["tune", "--config", str(TUNE_CONFIG), f"data.uri={shards}", f"tune.storage_path={tmp_path}"]
+    assert main([*common, "tune.space.loss.je_bins={choice: [1]}"]) == 1
+    assert main(["tune", "--resume", "--config", str(TUNE_CONFIG), f"data.uri={shards}",
+                 f"tune.storage_path={tmp_path}", "tune.name=none"]) == 1
+    assert not (tmp_path / "tiny-je").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# End to end (real local Ray; each trial a Ray Train run)
+# --------------------------------------------------------------------------------------------
+
+GOOD = {"train.lr": 0.05, "loss.lambda_je": 0.1, "loss.je_bins": 16, "loss.je_bandwidth": 1.0}
+POOR = {**GOOD, "train.lr": 1e-6}  # learns nothing: its validation stays at the initial model's
+
+
+@pytest.fixture(scope="module")
+def experiment(shards, tmp_path_factory, ray_local):
+    """3 trials of 3 epochs, one at a time, Optuna TPE + ASHA (one rung, after epoch 2).
+
+    Arranged so that ASHA's decision is certain: the space adds train.lr, the first two trials
+    (initial points) are a learning one and one whose lr is too small to learn, and the objective
+    is the epoch's mean training loss (min): after two epochs the first is ~10 below the second
+    (68 against 78), while validation TARs on a split this small differ by noise. The second trial
+    must be stopped at the rung."""
+    out = tmp_path_factory.mktemp("exp")
+    cfg = _cfg(shards, out, "je3", "tune.num_samples=3", "train.epochs=3", "tune.grace_period=2",
+               "tune.metric=train/loss", "tune.mode=min", "tune.space.train.lr={loguniform: [1e-6, 0.1]}",
+               f"tune.initial_points={json.dumps([GOOD, POOR])}")
+    return cfg, run_tune(cfg)
+
+
+def _row_with_lr(rows, lr):
+    return min(rows, key=lambda r: abs(math.log(r["train.lr"]) - math.log(lr)))
+
+
+@pytest.mark.slow
+def test_experiment_of_three_trials_completes(experiment):
+    cfg, out = experiment
+    print(f"\nexperiment wall time {out.wall_s:.1f}s\n" + Path(out.outputs["table_md"]).read_text())
+    assert len(out.rows) == 3 and not out.interrupted
+    assert all(r["status"] in ("completed", "stopped early") for r in out.rows), out.rows
+    assert len({r["trial_id"] for r in out.rows}) == 3
+    objectives = [r["objective"] for r in out.rows]
+    assert objectives == sorted(objectives)  # mode min: best first
+    for r in out.rows:  # every trial trained into its own run folder under the experiment
+        hist = json.loads(Path(r["run"], "history.json").read_text())
+        assert len([h for h in hist if h.get("end_of_epoch")]) == r["epochs_done"]
+        assert Path(r["checkpoint"], "model.safetensors").exists()
+    for name in ("table_csv", "table_md", "best_config", "plot", "summary"):
+        assert Path(out.outputs[name]).stat().st_size > 0, name
+    assert out.outputs["plot"].endswith("objective_vs_lambda_je.png")
+    assert json.loads(Path(out.outputs["summary"]).read_text())["counts"]["error"] == 0
+
+
+@pytest.mark.slow
+def test_asha_stops_the_poor_trial_early(experiment):
+    cfg, out = experiment
+    good, poor = _row_with_lr(out.rows, GOOD["train.lr"]), _row_with_lr(out.rows, POOR["train.lr"])
+    assert good is not poor and good["status"] == "completed" and good["epochs_done"] == 3
+    good_at_rung = json.loads(Path(good["run"], "history.json").read_text())[1]["train/loss"]
+    assert poor["objective_last"] > good_at_rung + 3  # the comparison ASHA made after epoch 2
+    assert poor["status"] == "stopped early" and poor["epochs_done"] == 2
+    # its training was stopped with the trial: two epochs in its history, no final summary
+    assert len(json.loads(Path(poor["run"], "history.json").read_text())) == 2
+    assert not Path(poor["run"], "train_summary.json").exists()
+
+
+@pytest.mark.slow
+def test_best_config_trains(experiment, tmp_path):
+    from posefr_dist.train.trainer import check_config, train
+
+    cfg, out = experiment
+    best = load_config(out.outputs["best_config"], [f"train.storage_path={tmp_path}", "train.epochs=1"])
+    row = out.best
+    assert (best.loss.lambda_je, best.loss.je_bins, best.loss.je_bandwidth, best.train.lr) == \
+        (row["loss.lambda_je"], row["loss.je_bins"], row["loss.je_bandwidth"], row["train.lr"])
+    check_config(best)
+    result = train(best)
+    assert result.best_checkpoint and Path(tmp_path, "je3-best", "train_summary.json").exists()
+
+
+@pytest.mark.slow
+def test_interrupted_experiment_resumes_without_rerunning_finished_trials(shards, tmp_path, ray_local):
+    cfg = _cfg(shards, tmp_path, "resume", "tune.num_samples=2", "train.epochs=1", "tune.search=random",
+               "tune.stop_after_trials=1")
+    first = run_tune(cfg)
+    assert first.interrupted
+    done = [r for r in first.rows if r["status"] == "completed"]
+    assert len(done) == 1
+    tid = done[0]["trial_id"]
+    run = Path(done[0]["run"])
+    trial_dir = Path(experiment_uri(cfg), f"trial_{tid}")
+    # the run's files are written only by its training; Tune rewrites (same content) its own on restore
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in [run / "history.json", run / "train_summary.json"]}
+    progress = (trial_dir / "progress.csv").read_text()
+    checkpoints = sorted(p.name for p in run.glob("checkpoint_*"))
+
+    second = run_tune(cfg, resume=True)
+    assert not second.interrupted
+    assert len(second.rows) == 2 and all(r["status"] == "completed" for r in second.rows), second.rows
+    assert tid in {r["trial_id"] for r in second.rows}
+    for p, (mtime, data) in before.items():  # the finished trial did not run again
+        assert (p.stat().st_mtime_ns, p.read_bytes()) == (mtime, data), p
+    assert sorted(p.name for p in run.glob("checkpoint_*")) == checkpoints
+    assert (trial_dir / "progress.csv").read_text() == progress  # no new results for it
+    assert len(list(Path(experiment_uri(cfg), "runs").iterdir())) == 2
+    with open(second.outputs["table_csv"]) as f:
+        assert len(list(csv.DictReader(f))) == 2
+
+
+@pytest.mark.slow
+def test_experiment_on_s3(shards, s3_uri, ray_local):
+    """Experiment state, trial runs and results in object storage; resuming a finished experiment
+    there runs nothing again."""
+    from posefr_dist import storage
+    from posefr_dist.tune.search import load_config_text
+
+    cfg = load_config(TUNE_CONFIG, [f"data.uri={shards}", f"tune.storage_path={s3_uri}", "tune.name=s3exp",
+                                    f"train.storage_path={s3_uri}/runs", f"tune.metric={METRIC}",
+                                    "tune.num_samples=1", "train.epochs=1"])
+    out = run_tune(cfg)
+    assert out.experiment_uri == f"{s3_uri}/s3exp" and [r["status"] for r in out.rows] == ["completed"]
+    assert out.rows[0]["checkpoint"].startswith("s3://")
+    assert storage.exists(storage.join(out.rows[0]["checkpoint"], "model.safetensors"))
+    for uri in out.outputs.values():
+        assert uri.startswith("s3://") and storage.exists(uri), uri
+    best = load_config_text(storage.read_text(out.outputs["best_config"]), "best.yaml")
+    assert best.loss.lambda_je == out.best["loss.lambda_je"]
+    again = run_tune(cfg, resume=True)
+    assert [r["trial_id"] for r in again.rows] == [out.rows[0]["trial_id"]] and not again.interrupted

@@ -37,6 +37,9 @@ _EYE = np.array([[0.25, 0.14, 0.07], [0.20, 0.35, 0.60], [0.25, 0.45, 0.25], [0.
 
 #: grid resolution of the rendered surface (lat x lon) and of the mesh the points come from
 RENDER_GRID = (96, 192)
+#: crop: head radius as a share of the image side, and the face point the crop leans toward
+CROP_SCALE = 0.5
+FACE_CENTRE = np.array([0.0, -0.1, 0.9], dtype=np.float32)
 MESH_GRID = (64, 128)
 
 
@@ -323,13 +326,19 @@ def render(surface: HeadSurface, yaw_deg: float, pitch_deg: float, rng: np.rando
     lam = np.clip(shade[:, 0], 0.0, 1.0)
     spec = np.clip(shade[:, 1], 0.0, 1.0) ** 20 * rng.uniform(0.0, 0.25)
     color = alb * ((ambient + key * lam)[:, None] * tint) + spec[:, None]
-    # orthographic projection; the head radius spans ~42 % of the image side
-    scale = 0.42 * size
-    cx = size / 2 + rng.normal(0, 0.01) * size
-    cy = size / 2 + rng.normal(0, 0.01) * size
+    # orthographic projection. Like an aligned face crop, the crop centres between the head centre
+    # and the face (a point at the middle of the face), so a profile view still shows the face
+    # side; the head radius spans ~50 % of the image side.
+    scale = CROP_SCALE * size
     proj = pos @ np.stack([right, up, d], 1)
-    px = np.clip((cx + proj[:, 0] * scale).astype(np.int32), -1, size)
-    py = np.clip((cy - (proj[:, 1] + 0.08) * scale).astype(np.int32), -1, size)
+    face = FACE_CENTRE @ np.stack([right, up], 1)
+    cx = size / 2 - 0.5 * face[0] * scale + rng.normal(0, 0.01) * size
+    cy = size / 2 + (0.5 * face[1] - 0.02) * scale + rng.normal(0, 0.01) * size
+    px = np.floor(cx + proj[:, 0] * scale).astype(np.int32)
+    py = np.floor(cy - proj[:, 1] * scale).astype(np.int32)
+    # a point covers its pixel and the next one right and down: keep those that touch the image
+    inside = (px >= -1) & (px < size) & (py >= -1) & (py < size)
+    px, py, proj, color = px[inside], py[inside], proj[inside], color[inside]
     img = np.zeros((size + 2, size + 2, 3), dtype=np.float32)  # one pixel of margin all round
     img[1:-1, 1:-1] = _background(rng, size)
     order = np.argsort(proj[:, 2])  # far first: nearer points overwrite

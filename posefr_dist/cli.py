@@ -220,6 +220,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if a is not None and b is not None:
             print(f"profile (90+) TAR@1%FAR: jam-je {100 * b:.1f}% vs 2d-only {100 * a:.1f}% "
                   f"({100 * (b - a):+.1f} points)")
+        else:  # too few impostor pairs in the bin for a 1% FAR (see report.json far_below_resolution)
+            print("profile (90+) TAR@1%FAR: n/a (the 90+ bin has too few pairs for a 1% FAR)")
     storage.write_text(storage.join(out, "comparison.md"), table + "\n")
     write_json(storage.join(out, "comparison.json"), {v: r["bins"] for v, r in reports.items()})
     print(f"outputs (shards, runs, models, reports and plots per variant, comparison.md): {out}")

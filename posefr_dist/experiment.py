@@ -86,7 +86,7 @@ def side_by_side(reports: dict[str, dict[str, Any]], far: float = 0.01, baseline
     names = list(reports)
     bins = _bins(next(iter(reports.values())))
     others = [n for n in names if n != baseline]
-    head = ["|yaw| bin"] + [f"{n} TAR@{far:g}FAR (%)" for n in names] + [f"{n} - {baseline} (points)" for n in others]
+    head = ["yaw bin"] + [f"{n} TAR@{far:g}FAR (%)" for n in names] + [f"{n} - {baseline} (points)" for n in others]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for b in bins:
         vals = [tar(reports[n], b, far) for n in names]

@@ -1,0 +1,32 @@
+"""The main job (`posefr demo`) end to end at a tiny size, as a separate process."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_demo_pipeline_tiny(tmp_path):
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "posefr_dist.cli", "demo", "--out", str(out),
+           "--config", str(REPO / "jobs" / "configs" / "demo-cpu.yaml"),
+           "synth.identities=14", "synth.views_per_identity=8", "synth.rows_per_shard=64",
+           "train.epochs=1", "data.batch_size=8", "train.warmup_steps=2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    for line in ("[1/4] synth", "[2/4] validate", "[3/4] train 2d-only", "[3/4] train jam-je", "[4/4] compare",
+                 "profile (90+) TAR@1%FAR"):
+        assert line in r.stdout, r.stdout[-3000:]
+    table = (out / "comparison.md").read_text()
+    assert table.splitlines()[0].startswith("| yaw bin | 2d-only") and "| 90+ |" in table
+    bins = json.loads((out / "comparison.json").read_text())
+    assert set(bins) == {"2d-only", "jam-je"} and "90+" in bins["jam-je"]
+    for variant in ("2d-only-seed0", "jam-je-seed0"):
+        assert (out / "eval" / variant / "report.json").exists()
+        assert (out / "models" / variant / "model.safetensors").exists()
+    assert str(out) in r.stdout

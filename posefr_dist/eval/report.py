@@ -11,25 +11,9 @@ import io
 import json
 import math
 import os
-import uuid
 from typing import Any
 
 REPORT_FILES = ("report.md", "roc.png", "tar_vs_yaw.png", "report.json")
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _far_keys(report: dict) -> list[str]:
@@ -173,16 +157,13 @@ def plot_tar_vs_yaw(report: dict) -> bytes:
 
 
 def write_report(report: dict[str, Any], out_dir: str) -> dict[str, str]:
-    """Write the report files into ``out_dir`` (created if needed); returns name -> path.
+    """Write the report files into ``out_dir`` (a folder, file:// or s3://); returns name -> path.
 
     Every file is written atomically; ``report.json`` last.
     """
+    from posefr_dist import storage
+
     out_dir = os.fspath(out_dir)
-    if out_dir.startswith("file://"):
-        out_dir = out_dir[len("file://"):]
-    elif "://" in out_dir:
-        raise ValueError(f"{out_dir}: write_report writes to a local folder (path or file://)")
-    os.makedirs(out_dir, exist_ok=True)
     payload = {
         "report.md": render_markdown(report).encode("utf-8"),
         "roc.png": plot_roc(report),
@@ -191,7 +172,7 @@ def write_report(report: dict[str, Any], out_dir: str) -> dict[str, str]:
     }
     paths = {}
     for name in REPORT_FILES:
-        path = os.path.join(out_dir, name)
-        _atomic_write(path, payload[name])
+        path = storage.join(out_dir, name)
+        storage.write_bytes(path, payload[name])  # atomic: temp + rename, or one S3 upload
         paths[name] = path
     return paths

@@ -136,9 +136,6 @@ def main() -> None:
 
         boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket="bench")
         ensure_ray(num_cpus=args.cpus)
-        from posefr_dist.cli import _quiet_ray_data
-
-        _quiet_ray_data()
         root = str(work / "shards")
         with PeakRSS() as mem:
             man = synthesize(cfg, root)

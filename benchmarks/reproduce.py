@@ -103,10 +103,9 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     from posefr_dist.data.synth import synthesize
-    from posefr_dist.raysupport import ensure_ray, quiet_ray_data
+    from posefr_dist.raysupport import ensure_ray
 
     ensure_ray()
-    quiet_ray_data()
     preset = str(PRESETS[args.preset])
     base = load_config(preset, args.overrides)
     out = args.out

@@ -21,12 +21,6 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 log = logging.getLogger("posefr")
 
 
-def _quiet_ray_data() -> None:
-    from posefr_dist.raysupport import quiet_ray_data
-
-    quiet_ray_data()
-
-
 # --------------------------------------------------------------------------------------------
 # synth / shards
 # --------------------------------------------------------------------------------------------
@@ -183,7 +177,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     base = load_config(config, args.overrides)
     shards_uri = storage.join(out, "shards")
     ensure_ray()
-    _quiet_ray_data()
     s = base.synth
     print(f"[1/4] synth: {s.identities} identities x {s.views_per_identity} views, {s.image_size}x{s.image_size} "
           f"images, {s.points} points, seed {s.seed} -> {shards_uri}")

@@ -29,10 +29,12 @@ def worker_env() -> dict[str, str]:
 
 def ensure_ray(num_cpus: int | None = None) -> None:
     """``ray.init`` once: joins ``RAY_ADDRESS`` when set (e.g. inside ``ray job submit``),
-    else starts a local instance. Storage and accelerator variables are forwarded to workers."""
+    else starts a local instance. Storage and accelerator variables are forwarded to workers.
+    Ray Data's progress bars are turned off either way (also when Ray was started elsewhere)."""
     import ray
 
     if ray.is_initialized():
+        quiet_ray_data()
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     kwargs: dict = {"runtime_env": {"env_vars": worker_env()}, "logging_level": "WARNING"}

@@ -116,11 +116,10 @@ def embed(model_uri: str, data_uri: str, split: str, out_uri: str, *, batch_size
     """
     from posefr_dist.data import shards as S
     from posefr_dist.data.pipeline import build_dataset
-    from posefr_dist.raysupport import ensure_ray, quiet_ray_data
+    from posefr_dist.raysupport import ensure_ray
 
     _check_model(model_uri)  # a clear error here, not a traceback from inside an actor
     ensure_ray()
-    quiet_ray_data()
     man = S.read_manifest(data_uri)
     gallery = (man.get("enrollment") or {}).get(split)
     cpus_per_actor = _cpus_per_actor(actors, gpus_per_actor)

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from posefr_dist.config import Config, load_config
+from posefr_dist.config import Config
 from posefr_dist.data.pipeline import augment_batch, iter_epoch
 
 log = logging.getLogger("posefr.train")
@@ -310,4 +310,4 @@ def _epoch_stats(sums, seen, world, wait, t_epoch, scheduler, tc) -> dict[str, f
 
 
 __all__ = ["train_loop_per_worker", "config_from_dict", "flatten_report", "embed_split", "validate",
-           "load_config"]
+           "sync_buffers"]

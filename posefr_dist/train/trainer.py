@@ -167,11 +167,10 @@ def train(cfg: Config, callbacks: list | None = None) -> TrainOutcome:
         ConfigError: a bad value or missing data, before any worker starts.
         RuntimeError: the run failed (after its allowed restarts); the message has the cause.
     """
-    from posefr_dist.raysupport import ensure_ray, quiet_ray_data
+    from posefr_dist.raysupport import ensure_ray
 
     meta = check_config(cfg)
     ensure_ray()
-    quiet_ray_data()
     uri = run_uri(cfg)
     storage.write_text(storage.join(uri, "config.yaml"), dump_config(cfg))
     trainer, (train_ds, val_ds) = build_trainer(cfg, meta, callbacks)

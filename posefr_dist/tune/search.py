@@ -248,7 +248,7 @@ def run_tune(cfg: Config, resume: bool = False) -> TuneOutcome:
     """
     from ray import tune
 
-    from posefr_dist.raysupport import ensure_ray, quiet_ray_data
+    from posefr_dist.raysupport import ensure_ray
     from posefr_dist.tune.callbacks import InterruptAfterTrials, PlacementGroupReaper, remove_orphaned_placement_groups
     from posefr_dist.tune.results import write_results
 
@@ -273,7 +273,6 @@ def run_tune(cfg: Config, resume: bool = False) -> TuneOutcome:
                               "tune.name")
     meta = check_tune(base)
     ensure_ray()
-    quiet_ray_data()
     from ray.tune import Tuner
 
     cluster, fixed = _cluster_resources()

@@ -8,7 +8,9 @@ Each (variant, seed) is a real run of the system: Ray Train workers under DeepSp
 the best checkpoint (chosen on the val split), exact pose-binned verification on the test split.
 The data set is generated once (its own seed, never one of the reported training seeds), and
 nothing is tuned on the test split. Output: ``results.json``, ``table.md`` (TAR@{1e-2,1e-3}FAR per
-yaw bin, mean ± std over seeds) and ``tar_vs_yaw.png``.
+yaw bin, mean ± std over seeds, and the diagnostics of :mod:`posefr_dist.eval.diagnose`: the 3D
+branch's own TAR, the 2D-3D embedding agreement and the attention statistics per variant) and
+``tar_vs_yaw.png``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from posefr_dist import storage  # noqa: E402
 from posefr_dist.config import load_config  # noqa: E402
+from posefr_dist.eval.diagnose import diagnose, diagnostics_table  # noqa: E402
 from posefr_dist.experiment import VARIANTS, run_variant, tar, variant_config, write_json  # noqa: E402
 
 PRESETS = {
@@ -118,14 +121,18 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = args.variants.split(",")
     results: dict[str, dict[int, dict]] = {v: {} for v in variants}
+    diags: dict[str, dict[int, dict]] = {v: {} for v in variants}
     done_path = storage.join(out, "results.json")
+    prev: dict = {}
     if storage.exists(done_path):  # resume an interrupted ablation
         prev = json.loads(storage.read_text(done_path))
         for v in variants:
             for s, rep in prev.get("reports", {}).get(v, {}).items():
                 results[v][int(s)] = rep
+            for s, d in prev.get("diagnostics", {}).get(v, {}).items():
+                diags[v][int(s)] = d
     t0 = time.perf_counter()
-    timings = {}
+    timings = dict(prev.get("train_seconds", {}))
     for seed in seeds:
         for v in variants:
             if seed in results[v]:
@@ -133,14 +140,22 @@ def main() -> None:
             cfg = variant_config(preset, v, seed, data, storage.join(out, "runs"), args.overrides)
             run = run_variant(cfg, out, fars=FARS)
             results[v][seed] = {"bins": run.report["bins"]}
+            diags[v][seed] = diagnose(run.checkpoint, data, "test", fars=FARS, yaw_edges=base.eval.yaw_edges,
+                                      enroll_max_yaw=base.eval.enroll_max_yaw)
             timings[f"{v}/seed{seed}"] = run.train_seconds
             p90 = tar(run.report, "90+", 0.01)
             print(f"{v} seed {seed}: trained in {run.train_seconds:.0f}s; TAR@1%FAR 90+ = "
                   f"{'n/a' if p90 is None else f'{100 * p90:.1f}%'}", flush=True)
             write_json(done_path, {"preset": args.preset, "config": preset, "overrides": args.overrides,
-                                   "seeds": seeds, "reports": results, "train_seconds": timings})
+                                   "seeds": seeds, "reports": results, "diagnostics": diags,
+                                   "train_seconds": timings})
     bins = [b for b in next(iter(next(iter(results.values())).values()))["bins"] if b != "unknown-pose"]
     md = table(results, bins)
+    if any(diags.values()):
+        md += ("\nDiagnostics on the test split (means over seeds; TAR@1%FAR in %; cosines of normalised "
+               "embeddings; entropies in nats, a uniform attention row has log(HW))\n\n"
+               + diagnostics_table({v: [diags[v][s] for s in sorted(diags[v])] for v in variants if diags[v]})
+               + "\n")
     storage.write_text(storage.join(out, "table.md"), md + "\n")
     local = storage.local_path(out)
     if local:

@@ -102,6 +102,47 @@ def load(engine: Any, folder: str, world_size: int) -> dict[str, Any]:
     return meta
 
 
+def _fetch(ckpt_uri: str, work: str) -> str:
+    """A local folder holding the checkpoint's meta and weights (downloads them from s3://)."""
+    from posefr_dist import storage
+
+    src = storage.local_path(ckpt_uri)
+    if src is None:
+        src = os.path.join(work, "ckpt")
+        os.makedirs(src, exist_ok=True)
+        for name in (META, WEIGHTS):
+            with open(os.path.join(src, name), "wb") as f:
+                f.write(storage.read_bytes(storage.join(ckpt_uri, name)))
+    if not os.path.exists(os.path.join(src, META)):
+        raise FileNotFoundError(f"{ckpt_uri}: not a checkpoint (no {META})")
+    return src
+
+
+def load_model(ckpt_uri: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The whole joint model of a checkpoint (both branches; eval mode) and its ``meta.json``.
+
+    ``ckpt_uri`` may be a folder or an ``s3://`` URI. Only ``model.safetensors`` is read.
+    """
+    import shutil
+    import tempfile
+
+    from posefr_dist.config import LossConfig, ModelConfig
+    from posefr_dist.model import build_model
+
+    work = tempfile.mkdtemp(prefix="posefr-ckpt-")
+    try:
+        src = _fetch(ckpt_uri, work)
+        meta = read_meta(src)
+        cfg = meta["config"]
+        model = build_model(ModelConfig(**cfg["model"]), LossConfig(**cfg["loss"]), num_classes=meta["num_classes"],
+                            image_size=meta["image_size"], num_points=meta["num_points"])
+        model.load_state_dict(load_weights(src), strict=True)
+        model.eval()
+        return model, meta
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def export_checkpoint(ckpt_uri: str, out_uri: str) -> dict[str, Any]:
     """Export the 2D path of a training checkpoint to the inference format (safetensors + JSON).
 
@@ -111,26 +152,11 @@ def export_checkpoint(ckpt_uri: str, out_uri: str) -> dict[str, Any]:
     import tempfile
 
     from posefr_dist import storage
-    from posefr_dist.config import LossConfig, ModelConfig
-    from posefr_dist.model import build_model, export_2d
+    from posefr_dist.model import export_2d
 
+    model, meta = load_model(ckpt_uri)
     work = tempfile.mkdtemp(prefix="posefr-export-")
     try:
-        src = storage.local_path(ckpt_uri)
-        if src is None:
-            src = os.path.join(work, "ckpt")
-            for name in (META, WEIGHTS):
-                os.makedirs(src, exist_ok=True)
-                with open(os.path.join(src, name), "wb") as f:
-                    f.write(storage.read_bytes(storage.join(ckpt_uri, name)))
-        if not os.path.exists(os.path.join(src, META)):
-            raise FileNotFoundError(f"{ckpt_uri}: not a checkpoint (no {META})")
-        meta = read_meta(src)
-        cfg = meta["config"]
-        model = build_model(ModelConfig(**cfg["model"]), LossConfig(**cfg["loss"]), num_classes=meta["num_classes"],
-                            image_size=meta["image_size"], num_points=meta["num_points"])
-        model.load_state_dict(load_weights(src), strict=True)
-        model.eval()
         out_local = storage.local_path(out_uri) or os.path.join(work, "export")
         export_2d(model, out_local)
         extra = {"source_checkpoint": ckpt_uri, "epoch": meta.get("epoch"), "global_step": meta.get("global_step"),

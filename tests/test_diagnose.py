@@ -1,0 +1,113 @@
+"""Checkpoint diagnostics (posefr_dist.eval.diagnose): the figures that explain the ablation."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from posefr_dist.config import LossConfig, ModelConfig
+from posefr_dist.data import shards as S
+from posefr_dist.data.synth import synthesize
+from posefr_dist.eval.diagnose import _bin_of, diagnose, diagnostics_table, read_split_arrays
+from posefr_dist.eval.verify import verify_arrays
+from posefr_dist.model import build_model
+from posefr_dist.train.checkpoint import META, WEIGHTS, load_model
+
+from .data_utils import rewrite_shard, set_cell, tiny_cfg
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    r = tmp_path_factory.mktemp("diag") / "shards"
+    synthesize(tiny_cfg(identities=10, views_per_identity=8), str(r), use_ray=False)
+    return r
+
+
+def write_checkpoint(folder, variant, gamma=0.0, num_classes=6):
+    from safetensors.torch import save_file
+
+    mc = ModelConfig(variant=variant, encoder_2d="ir_tiny", encoder_3d="pointnet2_tiny", embedding_dim=32)
+    lc = LossConfig(lambda_je=0.1, je_bins=8)
+    torch.manual_seed(0)
+    model = build_model(mc, lc, num_classes=num_classes, image_size=64, num_points=128)
+    if model.jam is not None:
+        with torch.no_grad():
+            model.jam.gamma.fill_(gamma)
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS))
+    import dataclasses
+
+    meta = {"config": {"model": dataclasses.asdict(mc), "loss": dataclasses.asdict(lc)}, "num_classes": num_classes,
+            "image_size": 64, "num_points": 128, "epoch": 3}
+    (folder / META).write_text(json.dumps(meta))
+    return model.eval()
+
+
+def test_jam_je_diagnostics_match_direct_computation(root, tmp_path):
+    model = write_checkpoint(tmp_path / "ckpt", "jam-je", gamma=0.25)
+    rep = diagnose(str(tmp_path / "ckpt"), str(root), "test", fars=[0.1])
+    data = read_split_arrays(str(root), "test")
+    assert rep["rows"] == len(data["yaw"]) == sum(
+        s["rows"] for s in S.read_manifest(str(root))["splits"]["test"]["shards"])
+    assert rep["variant"] == "jam-je" and rep["epoch"] == 3
+    # the 2D TARs are those of the verification protocol on the model's own embeddings
+    with torch.no_grad():
+        emb = model.embed_2d(torch.from_numpy(data["image"])).numpy()
+    yaw = data["yaw"]
+    direct = verify_arrays(emb, data["subject_id"], yaw, np.abs(yaw) <= 15, fars=[0.1], yaw_edges=[0, 30, 60, 90])
+    for b, v in direct["bins"].items():
+        assert rep["tar_2d"][b]["0.1"] == pytest.approx(v["tar_at_far"]["0.1"])
+    att = rep["attention"]
+    assert att["gamma"] == pytest.approx(0.25)
+    hw = 16  # 64x64 input -> 4x4 map
+    assert att["uniform_entropy"] == pytest.approx(math.log(hw))
+    for b, h in att["row_entropy_2d"].items():
+        assert 0 <= h <= math.log(hw) + 1e-5, b
+    for b, je in att["je_2d_3d"].items():
+        assert 0 <= je <= att["je_max"] + 1e-5, b
+    assert set(rep["tar_3d"]) >= {"0-30", "90+", "all"}
+    # a bin with too few impostor pairs for the FAR reports None, as the verification does
+    assert rep["tar_3d"]["all"]["0.1"] is not None
+    assert all(0.0 <= v["0.1"] <= 1.0 for v in rep["tar_3d"].values() if v["0.1"] is not None)
+    for b, c in rep["cross_cos"].items():
+        assert -1.0 <= c <= 1.0, b
+    table = diagnostics_table({"jam-je": [rep]}, far=0.1)
+    assert "| jam-je | 1 |" in table and "0.250" in table
+
+
+def test_two_d_only_has_no_3d_figures(root, tmp_path):
+    write_checkpoint(tmp_path / "ckpt", "2d-only")
+    rep = diagnose(str(tmp_path / "ckpt"), str(root), "test", max_rows=12)
+    assert rep["rows"] == 12 and "tar_3d" not in rep and "attention" not in rep
+    table = diagnostics_table({"2d-only": [rep]})
+    assert table.splitlines()[2].count("n/a") >= 5
+
+
+def test_load_model_round_trip(tmp_path):
+    model = write_checkpoint(tmp_path / "ckpt", "jam", gamma=0.5)
+    loaded, meta = load_model(str(tmp_path / "ckpt"))
+    assert meta["num_classes"] == 6 and not loaded.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    with pytest.raises(FileNotFoundError, match="not a checkpoint"):
+        load_model(str(tmp_path))
+
+
+def test_bad_image_names_file_row_and_field(root, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(root, bad)
+    rel = S.read_manifest(str(bad))["splits"]["test"]["shards"][0]["path"]
+    rewrite_shard(bad, rel, lambda t: set_cell(t, "image", 2, b"not an image"))
+    with pytest.raises(S.ShardError) as e:
+        read_split_arrays(str(bad), "test")
+    msg = str(e.value)
+    assert rel in msg and "image" in msg and "2" in msg
+
+
+def test_yaw_bins_follow_the_report_names():
+    bins = _bin_of(np.array([0.0, -29.9, 30.0, 75.0, -90.0, 120.0, np.nan], np.float32), [0, 30, 60, 90])
+    assert bins.tolist() == ["0-30", "0-30", "30-60", "60-90", "90+", "90+", "unknown-pose"]

@@ -1,0 +1,56 @@
+"""benchmarks/reproduce.py: the ablation table, and the whole script at a tiny size."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.reproduce import mean_std, table  # noqa: E402
+
+
+def report(values: dict[str, float]) -> dict:
+    return {"bins": {b: {"tar_at_far": {"0.01": v, "0.001": v / 2}} for b, v in values.items()}}
+
+
+def test_table_means_stds_and_paired_differences():
+    results = {
+        "2d-only": {0: report({"90+": 0.20, "all": 0.40}), 1: report({"90+": 0.30, "all": 0.50})},
+        "jam-je": {0: report({"90+": 0.30, "all": 0.40}), 1: report({"90+": 0.50, "all": 0.60})},
+    }
+    md = table(results, ["90+", "all"])
+    lines = md.splitlines()
+    assert "| 2d-only | 25.0 ± 7.1 | 45.0 ± 7.1 |" in lines
+    assert "| jam-je | 40.0 ± 14.1 | 50.0 ± 14.1 |" in lines
+    # paired by seed: +10 and +20 -> 15 ± 7.1; all: 0 and +10 -> 5 ± 7.1
+    assert "| jam-je − 2d-only (paired by seed) | +15.0 ± 7.1 | +5.0 ± 7.1 |" in lines
+    assert any(line.startswith("TAR@0.001FAR") for line in lines)
+    assert all(math.isnan(x) for x in mean_std([]))
+    assert mean_std([1.0]) == (1.0, 0.0)
+
+
+@pytest.mark.slow
+def test_ablation_script_tiny(tmp_path):
+    out = tmp_path / "ablation"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "reproduce.py"), "--preset", "cpu", "--seeds", "0",
+           "--variants", "2d-only,jam", "--out", str(out),
+           "synth.identities=14", "synth.views_per_identity=8", "synth.rows_per_shard=64",
+           "train.epochs=1", "data.batch_size=8", "train.warmup_steps=2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["reports"]) == {"2d-only", "jam"} and set(res["reports"]["jam"]) == {"0"}
+    assert "tar_3d" in res["diagnostics"]["jam"]["0"] and "tar_3d" not in res["diagnostics"]["2d-only"]["0"]
+    md = (out / "table.md").read_text()
+    assert "| 2d-only |" in md and "| jam − 2d-only (paired by seed) |" in md and "Diagnostics" in md
+    assert (out / "tar_vs_yaw.png").stat().st_size > 0
+    # a second call resumes: nothing left to train, same table
+    r2 = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r2.returncode == 0, (r2.stdout + r2.stderr)[-4000:]
+    assert "trained in" not in r2.stdout
+    assert (out / "table.md").read_text() == md

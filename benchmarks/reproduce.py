@@ -103,6 +103,8 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out", default="out/reproduce")
     ap.add_argument("--data", help="existing shard root (default: generate the preset's synthetic set)")
+    ap.add_argument("--diagnose-rows", type=int, default=4000,
+                    help="test rows the diagnostics read into memory (in shard order, so mostly whole identities)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     from posefr_dist.data.synth import synthesize
@@ -141,7 +143,7 @@ def main() -> None:
             run = run_variant(cfg, out, fars=FARS)
             results[v][seed] = {"bins": run.report["bins"]}
             diags[v][seed] = diagnose(run.checkpoint, data, "test", fars=FARS, yaw_edges=base.eval.yaw_edges,
-                                      enroll_max_yaw=base.eval.enroll_max_yaw)
+                                      enroll_max_yaw=base.eval.enroll_max_yaw, max_rows=args.diagnose_rows)
             timings[f"{v}/seed{seed}"] = run.train_seconds
             p90 = tar(run.report, "90+", 0.01)
             print(f"{v} seed {seed}: trained in {run.train_seconds:.0f}s; TAR@1%FAR 90+ = "

@@ -911,6 +911,8 @@ def raycluster_layout_errors(doc: dict) -> list[str]:
 ENTRYPOINTS = {
     "train": re.compile(r"^python (/app/)?jobs/train\.py --config (/app/)?jobs/configs/paper-gpu\.yaml( \S+=\S+)*$"),
     "tune": re.compile(r"^python (/app/)?jobs/tune\.py --config (/app/)?jobs/configs/tune-paper-gpu\.yaml --num-samples \d+$"),
+    "ablation": re.compile(r"^python (/app/)?benchmarks/reproduce\.py --preset paper --seeds \d+(,\d+)* "
+                           r"--data s3://\S+ --out s3://\S+$"),
     "nightly": re.compile(r"^python (/app/)?jobs/nightly\.py --models s3://\S+ --data s3://\S+ --history s3://\S+"
                           r"( --pushgateway [\w.-]+:\d+)?$"),
 }
@@ -1108,7 +1110,7 @@ def test_builds_hold_the_right_pieces():
         assert kinds.count(nightly_kind) == 1 and other not in kinds, "exactly one nightly variant"
         assert "RayJob" not in kinds and "Secret" not in kinds
         assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {NAMESPACE}
-    assert sorted(d["kind"] for d in jobs) == ["RayJob", "RayJob"]
+    assert sorted(d["kind"] for d in jobs) == ["RayJob", "RayJob", "RayJob"]
     assert {d["metadata"]["namespace"] for d in jobs} == {NAMESPACE}
 
 
@@ -1129,7 +1131,7 @@ def test_jobs_target_the_cluster_with_the_expected_entrypoints():
         if kind == "train":
             # the exporter must listen where the gpu pods declare port posefr-metrics
             assert "train.metrics_port=9500" in spec["entrypoint"].split()
-    assert found == {"train": "RayJob", "tune": "RayJob", "nightly": "RayCronJob"}
+    assert found == {"train": "RayJob", "tune": "RayJob", "ablation": "RayJob", "nightly": "RayCronJob"}
 
 
 def nightly_variant_errors(raycron: dict, cron: dict) -> list[str]:
@@ -1407,6 +1409,9 @@ def test_broken_entrypoints_are_reported():
     assert entrypoint_kind("python jobs/train.py --config jobs/configs/paper-gpu.yaml train.epochs=3") == "train"
     assert entrypoint_kind("python jobs/train.py --cfg jobs/configs/paper-gpu.yaml") is None
     assert entrypoint_kind("python jobs/tune.py --config jobs/configs/tune-paper-gpu.yaml") is None
+    assert entrypoint_kind("python benchmarks/reproduce.py --preset cpu --seeds 0 --data s3://b/d --out s3://b/o") is None
+    assert entrypoint_kind("python benchmarks/reproduce.py --preset paper --seeds 0,1,2 --data s3://b/d "
+                           "--out s3://b/o") == "ablation"
     assert entrypoint_kind("python jobs/nightly.py --models /local --data s3://b/d --history s3://b/h") is None
 
 

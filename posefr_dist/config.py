@@ -254,6 +254,9 @@ class TrainConfig:
     #: rank 0 serves Prometheus metrics on this port (0 = off)
     metrics_port: int = 0
     log_every_steps: int = 10
+    #: level of Ray Train's own ``ray.train`` console logs (it logs every report, with its whole
+    #: metrics dict, per rank, at INFO); its system log files keep every level
+    ray_log_level: str = "WARNING"
     #: checkpoint URI to start from (weights, optimizer, epoch); '' = fresh or automatic resume
     resume_from: str = ""
     #: keep Ray Data's output order fixed so a resumed run sees the batches an uninterrupted one would
@@ -289,6 +292,8 @@ class TrainConfig:
         _check(self.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", "must be >= 0")
         _check(0 <= self.metrics_port < 65536, "train.metrics_port", "must be a port number or 0")
         _check(self.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
+        _check(self.ray_log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), "train.ray_log_level",
+               "must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
         if self.chaos_kill_at:
             parts = self.chaos_kill_at.split(":")
             _check(len(parts) == 3 and all(p.isdigit() for p in parts), "train.chaos_kill_at",

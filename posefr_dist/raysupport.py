@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 #: variables every Ray worker needs to see (object storage, DeepSpeed on the CPU, no telemetry)
@@ -40,8 +41,26 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     kwargs: dict = {"runtime_env": {"env_vars": worker_env()}, "logging_level": "WARNING"}
     if not os.environ.get("RAY_ADDRESS"):
         kwargs.update(num_cpus=num_cpus, include_dashboard=False)
+        kwargs["runtime_env"]["worker_process_setup_hook"] = "posefr_dist.raysupport.quiet_local_workers"
     ray.init(**kwargs)
     quiet_ray_data()
+
+
+#: loggers of Ray's own workers that flood a local run's terminal: Ray Train's placement-group
+#: cleaner warns every few seconds that it cannot reach the state API, which a local instance
+#: started without the dashboard does not serve (the cleaner only matters when a controller dies
+#: while its cluster lives on; locally the cluster ends with the driver). Ray Train's per-report
+#: INFO logs are set by ``train.ray_log_level`` instead.
+LOCAL_QUIET_LOGGERS = {
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
+}
+
+
+def quiet_local_workers() -> None:
+    """``worker_process_setup_hook`` of a local instance started by :func:`ensure_ray`: quiets the
+    loggers in :data:`LOCAL_QUIET_LOGGERS` in every worker process. Clusters keep Ray's defaults."""
+    for name, level in LOCAL_QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
 
 
 def quiet_ray_data() -> None:

@@ -125,10 +125,12 @@ def embed(model_uri: str, data_uri: str, split: str, out_uri: str, *, batch_size
     cpus_per_actor = _cpus_per_actor(actors, gpus_per_actor)
     sd = build_dataset(data_uri, split, DataConfig(uri=data_uri, on_bad_row=on_bad_row,
                                                    decode_batch_size=min(batch_size, 256)), training=False)
+    from ray.data import ActorPoolStrategy
+
     ds = sd.dataset.map_batches(
         Embedder, fn_constructor_kwargs=dict(model_uri=model_uri, use_gpu=gpus_per_actor > 0,
                                              enroll_max_yaw=enroll_max_yaw, gallery=gallery),
-        batch_size=batch_size, batch_format="numpy", concurrency=actors,
+        batch_size=batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=actors),
         num_gpus=gpus_per_actor or None, num_cpus=cpus_per_actor,
     )
     t0 = time.perf_counter()

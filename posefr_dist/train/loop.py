@@ -120,6 +120,20 @@ class _Chaos:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def set_report_log_level(level: str) -> None:
+    """Apply ``train.ray_log_level`` to Ray Train's per-report log line in this worker.
+
+    Ray Train 2.60 logs every report (its whole metrics dict, per rank) at INFO from a logger named
+    after the file path of its ``execution/context.py``, outside ``ray.train``, so RunConfig's
+    ``logging_config`` does not reach it.
+    """
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray layout: nothing to quiet
+        return
+    logging.getLogger(train_context.__file__).setLevel(level.upper())
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
@@ -133,6 +147,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = config_from_dict(config["cfg"])
     meta_in: dict[str, Any] = config["meta"]
     tc = cfg.train
+    set_report_log_level(tc.ray_log_level)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     deepspeed = import_deepspeed(tc.use_gpu)

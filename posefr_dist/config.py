@@ -156,6 +156,10 @@ class ModelConfig:
     dropout: float = 0.0
     #: the joint attention's query/key width is C_F // attn_reduction (SAGAN: 8)
     attn_reduction: int = 8
+    #: a pretrained 2D face model in AdaFace's layout (``.ckpt`` or ``.safetensors``; a path or an
+    #: ``s3://`` URI) that the IR trunk and the shared output layer start from; '' = from scratch.
+    #: A resumed run loads its own checkpoint over it.
+    pretrained_2d: str = ""
 
     def __post_init__(self) -> None:
         _one_of(self.variant, ("2d-only", "jam", "jam-je"), "model.variant")

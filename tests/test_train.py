@@ -154,11 +154,37 @@ def test_train_from_s3_with_s3_storage(shards, s3_uri, ray_local):
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.slow
+def test_training_starts_from_a_pretrained_2d_model(shards, tmp_path, ray_local):
+    """model.pretrained_2d loads an AdaFace-layout checkpoint into the IR trunk and the shared
+    output layer of every worker; at a negligible learning rate the trained weights are the file's."""
+    from posefr_dist.model import create_encoder_2d
+
+    torch.manual_seed(7)
+    src = create_encoder_2d("ir_tiny", image_size=64, embedding_dim=64)
+    path = tmp_path / "adaface_ir_tiny.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in src.state_dict().items()}}, path)
+    cfg = _cfg(shards, str(tmp_path / "runs"), "pretrained", "train.epochs=1", "train.lr=1e-12",
+               "train.weight_decay=0", f"model.pretrained_2d={path}")
+    outcome = train(cfg)
+    w = _weights(outcome.best_checkpoint)
+    ref = src.state_dict()
+    assert torch.allclose(w["encoder_2d.input_layer.0.weight"], ref["input_layer.0.weight"], atol=1e-6)
+    assert torch.allclose(w["encoder_2d.body.0.res_layer.1.weight"], ref["body.0.res_layer.1.weight"], atol=1e-6)
+    assert torch.allclose(w["embed.3.weight"], ref["output_layer.3.weight"], atol=1e-6)
+    # a fresh run of the same seed starts elsewhere
+    fresh = train(_cfg(shards, str(tmp_path / "runs"), "fresh", "train.epochs=1", "train.lr=1e-12",
+                       "train.weight_decay=0"))
+    assert not torch.allclose(_weights(fresh.best_checkpoint)["encoder_2d.input_layer.0.weight"],
+                              ref["input_layer.0.weight"], atol=1e-3)
+
+
 @pytest.mark.parametrize("override, field", [
     ("train.zero_stage=5", "train.zero_stage"),
     ("data.batch_size=1000", "data.batch_size"),
     ("model.encoder_2d=resnet9", "model.encoder_2d"),
     ("train.checkpoint_metric=loss", "train.checkpoint_metric"),
+    ("model.pretrained_2d=/nonexistent/adaface_ir18.ckpt", "model.pretrained_2d"),
 ])
 def test_bad_config_fails_before_workers_start(shards, tmp_path, override, field):
     """No Ray is needed to reject these: the CLI fails in seconds and names the field."""

@@ -143,6 +143,29 @@ def load_model(ckpt_uri: str) -> tuple[torch.nn.Module, dict[str, Any]]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def load_pretrained_2d(model: torch.nn.Module, uri: str) -> dict[str, list[str]]:
+    """Start a joint model's IR trunk and shared output layer from a pretrained AdaFace-layout
+    model (``model.pretrained_2d``; a path or an ``s3://`` URI). Only tensors are read."""
+    import shutil
+    import tempfile
+
+    from posefr_dist import storage
+    from posefr_dist.model import load_adaface_backbone
+
+    local = storage.local_path(uri)
+    work = None
+    try:
+        if local is None:
+            work = tempfile.mkdtemp(prefix="posefr-pretrained-")
+            local = os.path.join(work, os.path.basename(uri.rstrip("/")) or "model.ckpt")
+            with open(local, "wb") as f:
+                f.write(storage.read_bytes(uri))
+        return load_adaface_backbone(model, local, load_output_layer=True, strict=True)
+    finally:
+        if work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
 def export_checkpoint(ckpt_uri: str, out_uri: str) -> dict[str, Any]:
     """Export the 2D path of a training checkpoint to the inference format (safetensors + JSON).
 

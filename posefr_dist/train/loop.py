@@ -164,6 +164,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     model = build_model(cfg.model, cfg.loss, num_classes=meta_in["num_classes"], image_size=meta_in["image_size"],
                         num_points=meta_in["num_points"])
+    if cfg.model.pretrained_2d:
+        loaded = ckpt.load_pretrained_2d(model, cfg.model.pretrained_2d)
+        if rank == 0:
+            log.info("2D trunk from %s: %d tensors loaded, %d file keys skipped", cfg.model.pretrained_2d,
+                     len(loaded["loaded"]), len(loaded["skipped"]))
     rows_per_worker = meta_in["train_rows"] // world
     micro_per_epoch = rows_per_worker // cfg.data.batch_size
     steps_per_epoch = micro_per_epoch // tc.grad_accum

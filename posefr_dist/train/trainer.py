@@ -93,6 +93,8 @@ def check_config(cfg: Config) -> dict[str, Any]:
             f"{per_worker} train rows each of the {tc.num_workers} workers gets")
     if cfg.model.variant != "2d-only" and meta["num_points"] <= 0:
         raise ConfigError(f"model.variant: {cfg.model.variant} needs 3D points but the shards have none")
+    if cfg.model.pretrained_2d and not storage.exists(cfg.model.pretrained_2d):
+        raise ConfigError(f"model.pretrained_2d: {cfg.model.pretrained_2d} does not exist")
     if tc.resume_from and not storage.exists(storage.join(tc.resume_from, "meta.json")):
         raise ConfigError(f"train.resume_from: {tc.resume_from} is not a checkpoint (no meta.json)")
     if tc.use_gpu is False and tc.precision == "bf16":

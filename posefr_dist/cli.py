@@ -9,12 +9,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 import time
-from typing import Callable
+from typing import Any, Callable
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
@@ -108,7 +107,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _floats(text: str) -> list[float]:
+def comma_floats(text: str) -> list[float]:
+    """argparse type: ``"0.01,0.001"`` -> ``[0.01, 0.001]``."""
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -203,7 +203,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         run = run_variant(cfg, out)
         reports[variant] = run.report
         print(f"      trained in {run.train_seconds:.0f}s; best checkpoint {run.checkpoint}")
-        print(f"      TAR@1%FAR: " + ", ".join(f"{b} {100 * (tar(run.report, b, 0.01) or float('nan')):.1f}%"
+        print("      TAR@1%FAR: " + ", ".join(f"{b} {100 * (tar(run.report, b, 0.01) or float('nan')):.1f}%"
                                            for b in ("0-30", "30-60", "60-90", "90+", "all")))
     print("[4/4] compare (exact pose-binned verification, test split, gallery |yaw| <= 15)")
     table = side_by_side(reports, far=0.01)
@@ -225,10 +225,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="posefr", description="Pose-robust 2D-3D face recognition on Ray.")
+def base_parser(description: str | None = None) -> tuple[argparse.ArgumentParser, Any]:
+    """The ``posefr`` parser with its global options, and its sub-command group."""
+    p = argparse.ArgumentParser(prog="posefr", description=description)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
+    return p, p.add_subparsers(dest="command", required=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p, sub = base_parser("Pose-robust 2D-3D face recognition on Ray.")
 
     s = sub.add_parser("synth", help="generate the synthetic 3D face data set as shards")
     s.add_argument("out_uri", help="output folder or s3:// URI")
@@ -284,16 +289,16 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="exact pose-binned verification of an embeddings table")
     v.add_argument("emb_uri", help="embeddings: one Parquet file or a folder of them (local or s3://)")
     v.add_argument("--out", required=True, help="report folder")
-    v.add_argument("--far", type=_floats, default=_floats(fars_default), help=f"default {fars_default}")
-    v.add_argument("--yaw-edges", type=_floats, default=_floats(edges_default), help=f"default {edges_default}")
+    v.add_argument("--far", type=comma_floats, default=comma_floats(fars_default), help=f"default {fars_default}")
+    v.add_argument("--yaw-edges", type=comma_floats, default=comma_floats(edges_default), help=f"default {edges_default}")
     v.add_argument("--no-ray", action="store_true", help="score in this process")
     v.set_defaults(func=cmd_verify)
 
     ev = sub.add_parser("evaluate", help="embed + verify")
     embed_args(ev)
     ev.add_argument("--out", required=True, help="output folder or s3:// URI (report + embeddings/)")
-    ev.add_argument("--far", type=_floats, default=_floats(fars_default))
-    ev.add_argument("--yaw-edges", type=_floats, default=_floats(edges_default))
+    ev.add_argument("--far", type=comma_floats, default=comma_floats(fars_default))
+    ev.add_argument("--yaw-edges", type=comma_floats, default=comma_floats(edges_default))
     ev.set_defaults(func=cmd_evaluate)
 
     from posefr_dist.data.ingest.cli import add_ingest_parser
@@ -313,12 +318,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse ``argv``, set up logging and run the chosen command. Known errors (bad config, shard,
+    storage, missing file, runtime and value errors) become one line on stderr and exit 1."""
     from posefr_dist.config import ConfigError
     from posefr_dist.data.shards import ShardError
     from posefr_dist.storage import StorageError
 
-    args = build_parser().parse_args(argv)
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -328,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ShardError, StorageError, FileNotFoundError, RuntimeError, ValueError) as e:
         print(f"posefr {args.command}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":

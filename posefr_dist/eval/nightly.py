@@ -513,13 +513,6 @@ def run_nightly(models_uri: str, data_uri: str, history_uri: str, *, date: str |
 # --------------------------------------------------------------------------------------------
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
 def _date_arg(text: str) -> str:
     try:
         return check_date(text)
@@ -560,6 +553,8 @@ def cmd_nightly(args: argparse.Namespace) -> int:
 
 def add_nightly_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``posefr nightly`` on ``subparsers``; its ``func`` returns the exit code."""
+    from posefr_dist.cli import comma_floats
+
     fars_default, edges_default = "0.1,0.01,0.001,0.0001", "0,30,60,90"
     p = subparsers.add_parser(
         "nightly", help="re-evaluate the newest model, keep the history, gate on TAR regressions",
@@ -576,8 +571,8 @@ def add_nightly_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", metavar="NAME",
                    help="evaluate this model (repeatable; default the newest)")
     p.add_argument("--split", default="test")
-    p.add_argument("--far", type=_floats, default=_floats(fars_default), help=f"default {fars_default}")
-    p.add_argument("--yaw-edges", type=_floats, default=_floats(edges_default), help=f"default {edges_default}")
+    p.add_argument("--far", type=comma_floats, default=comma_floats(fars_default), help=f"default {fars_default}")
+    p.add_argument("--yaw-edges", type=comma_floats, default=comma_floats(edges_default), help=f"default {edges_default}")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--actors", type=int, default=1, help="embedding actors (model replicas)")
     p.add_argument("--gpus-per-actor", type=float, default=0.0)
@@ -589,23 +584,11 @@ def add_nightly_parser(subparsers: Any) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """``posefr nightly ...`` on its own (what ``jobs/nightly.py`` runs); same errors and exit
     codes as the ``posefr`` command."""
-    from posefr_dist.config import ConfigError
-    from posefr_dist.data.shards import ShardError
-    from posefr_dist.storage import StorageError
+    from posefr_dist.cli import base_parser, run
 
-    parser = argparse.ArgumentParser(prog="posefr")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser, sub = base_parser()
     add_nightly_parser(sub)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    try:
-        return args.func(args)
-    except (ConfigError, ShardError, StorageError, FileNotFoundError, RuntimeError, ValueError) as e:
-        print(f"posefr {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
+    return run(parser, argv)
 
 
 if __name__ == "__main__":

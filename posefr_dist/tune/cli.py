@@ -10,8 +10,6 @@ runs it alone (``jobs/tune.py``).
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 
 EXIT_OK, EXIT_ERROR = 0, 1
@@ -59,24 +57,13 @@ def add_tune_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``posefr tune`` on its own (what ``jobs/tune.py`` runs)."""
-    from posefr_dist.config import ConfigError
-    from posefr_dist.data.shards import ShardError
-    from posefr_dist.storage import StorageError
+    """``posefr tune`` on its own (what ``jobs/tune.py`` runs); same errors and exit codes as the
+    ``posefr`` command."""
+    from posefr_dist.cli import base_parser, run
 
-    p = argparse.ArgumentParser(prog="posefr")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
+    parser, sub = base_parser()
     add_tune_parser(sub)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    try:
-        return args.func(args)
-    except (ConfigError, ShardError, StorageError, FileNotFoundError, RuntimeError) as e:
-        print(f"posefr {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
+    return run(parser, argv)
 
 
 if __name__ == "__main__":

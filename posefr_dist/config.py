@@ -296,8 +296,8 @@ class TrainConfig:
         _check(self.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", "must be >= 0")
         _check(0 <= self.metrics_port < 65536, "train.metrics_port", "must be a port number or 0")
         _check(self.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
-        _check(self.ray_log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), "train.ray_log_level",
-               "must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        self.ray_log_level = self.ray_log_level.upper()
+        _one_of(self.ray_log_level, ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), "train.ray_log_level")
         if self.chaos_kill_at:
             parts = self.chaos_kill_at.split(":")
             _check(len(parts) == 3 and all(p.isdigit() for p in parts), "train.chaos_kill_at",

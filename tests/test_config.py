@@ -31,7 +31,7 @@ def test_roundtrip_dump_load(tmp_path):
         ("eval.yaw_edges=[10, 30]", r"eval.yaw_edges: must start at 0"),
         ("nosuchsection.x=1", r"nosuchsection: unknown key"),
         ("data.augment.hflip_prob=2", r"data.augment.hflip_prob"),
-        ("train.ray_log_level=LOUD", r"train.ray_log_level: must be DEBUG, INFO"),
+        ("train.ray_log_level=LOUD", r"train.ray_log_level: got 'LOUD'; allowed: 'DEBUG', 'INFO'"),
         ("justakey", r"expected key=value"),
     ],
 )

@@ -131,7 +131,7 @@ def set_report_log_level(level: str) -> None:
         from ray.train.v2._internal.execution import context as train_context
     except ImportError:  # another Ray layout: nothing to quiet
         return
-    logging.getLogger(train_context.__file__).setLevel(level.upper())
+    logging.getLogger(train_context.__file__).setLevel(level)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

@@ -145,7 +145,7 @@ def build_trainer(cfg: Config, meta: dict[str, Any], callbacks: list | None = No
                 num_to_keep=tc.keep_checkpoints, checkpoint_score_attribute=tc.checkpoint_metric,
                 checkpoint_score_order=tc.checkpoint_mode),
             worker_runtime_env={"env_vars": worker_env()},
-            logging_config=ray.train.LoggingConfig(log_level=tc.ray_log_level.upper()),
+            logging_config=ray.train.LoggingConfig(log_level=tc.ray_log_level),
             callbacks=[_history_callback(storage.join(tc.storage_path, tc.run_name), tc.storage_path),
                        *(callbacks or [])],
         ),

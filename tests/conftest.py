@@ -41,6 +41,16 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Terminate a server a test started; kill it if it does not exit within ``timeout``."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server on a free loopback port with one bucket; the AWS variables point at it.
@@ -70,11 +80,7 @@ def s3_server():
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=S3_BUCKET)
         yield {"endpoint": endpoint, "bucket": S3_BUCKET, "port": port}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -25,7 +25,7 @@ import pytest
 from posefr_dist import storage
 from posefr_dist.eval import nightly as N
 from posefr_dist.eval import verify_arrays
-from tests.conftest import free_port, wait_for_port
+from tests.conftest import free_port, stop_process, wait_for_port
 
 REPO = Path(__file__).resolve().parents[1]
 PUSHGATEWAY_BIN = "/usr/bin/prometheus-pushgateway"
@@ -354,12 +354,7 @@ def pushgateway(tmp_path):
         wait_for_port(port, timeout=30)
         yield f"127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc)
         log.close()
 
 

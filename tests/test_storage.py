@@ -58,7 +58,7 @@ def test_s3_wrong_credentials(monkeypatch):
     import sys
     from pathlib import Path
 
-    from tests.conftest import free_port, wait_for_port
+    from tests.conftest import free_port, stop_process, wait_for_port
 
     port = free_port()
     env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0")
@@ -72,5 +72,4 @@ def test_s3_wrong_credentials(monkeypatch):
         with pytest.raises(storage.StorageError, match="S3 request failed.*AWS_ACCESS_KEY_ID"):
             storage.write_text("s3://some-bucket/x.txt", "x")
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        stop_process(proc)

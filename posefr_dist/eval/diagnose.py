@@ -131,10 +131,7 @@ def diagnose(checkpoint_uri: str, shards_uri: str, split: str = "test", *, fars:
     }
     if not has3d:
         return out
-    if not data["has_points"].all():
-        keep = data["has_points"]
-    else:
-        keep = np.ones(len(yaw), bool)
+    keep = data["has_points"]  # rows without a point cloud have no 3D figures
     emb3 = torch.cat(e3).numpy()
     out["tar_3d"] = _tars(verify_arrays(emb3[keep], subjects[keep], yaw[keep], enrolled[keep], fars=fars,
                                          yaw_edges=edges))

@@ -125,3 +125,78 @@ def test_autocast_does_not_lower_the_histogram_precision():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = joint_entropy_loss(a2, a3)
     assert low.dtype == torch.float32 and torch.allclose(low, ref, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# mutual information
+# --------------------------------------------------------------------------------------------
+
+
+def _numpy_hard_mi(a2: np.ndarray, a3: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reference per sample: (H(P2), H(P3), MI) of numpy.histogram2d on min-max rows, in nats."""
+
+    def norm(a: np.ndarray) -> np.ndarray:
+        lo, hi = a.min(-1, keepdims=True), a.max(-1, keepdims=True)
+        return (a - lo) / ((hi - lo) + MINMAX_REL_EPS * np.abs(a).mean(-1, keepdims=True))
+
+    def h(p: np.ndarray) -> float:
+        p = p[p > 0]
+        return float(-(p * np.log(p)).sum())
+
+    h2, h3, mi = [], [], []
+    for x, y in zip(norm(a2), norm(a3)):
+        c, _, _ = np.histogram2d(x.ravel(), y.ravel(), bins=bins, range=[[0, 1], [0, 1]])
+        p = c / c.sum()
+        p2, p3 = p.sum(1), p.sum(0)
+        h2.append(h(p2))
+        h3.append(h(p3))
+        mi.append(float(sum(p[i, j] * np.log(p[i, j] / (p2[i] * p3[j]))
+                            for i in range(bins) for j in range(bins) if p[i, j] > 0)))
+    return np.array(h2), np.array(h3), np.array(mi)
+
+
+def test_mutual_information_matches_hard_histogram_as_bandwidth_shrinks():
+    from posefr_dist.model import mutual_information
+    from posefr_dist.model.entropy import histogram_entropies
+
+    a2 = _attention(3, 20, 0, temp=2.0)
+    a3 = torch.softmax(torch.log(a2) * 1.5 + 0.5 * torch.randn(3, 20, 20, generator=torch.Generator().manual_seed(1),
+                                                               dtype=torch.float64), -1)  # partly dependent
+    bins = 8
+    r2, r3, rmi = _numpy_hard_mi(a2.numpy(), a3.numpy(), bins)
+    assert (rmi > 0.1).all()  # the reference is not trivially 0
+    errs = [float((mutual_information(a2, a3, bins=bins, bandwidth=bw) - torch.from_numpy(rmi)).abs().max())
+            for bw in (1.0, 0.3, 0.1, 1e-3)]
+    assert all(e1 > e2 for e1, e2 in zip(errs, errs[1:])), errs
+    assert errs[-1] < 1e-9, errs
+    mi = mutual_information(a2, a3, bins=bins, bandwidth=1e-3)
+    assert mi.shape == (3,) and mi.dtype == torch.float64
+    h2, h3, h23 = histogram_entropies(joint_histogram(a2, a3, bins=bins, bandwidth=1e-3))
+    assert np.allclose(h2.numpy(), r2, atol=1e-9) and np.allclose(h3.numpy(), r3, atol=1e-9)
+    # JE = H2 + H3 - MI, per sample
+    assert torch.allclose(h2 + h3 - mi, h23, atol=1e-12)
+    assert abs(float(h23.mean()) - float(joint_entropy_loss(a2, a3, bins=bins, bandwidth=1e-3))) < 1e-12
+
+
+@pytest.mark.parametrize("norm", ["minmax", "hw"])
+def test_mutual_information_of_a_map_with_itself_and_of_independent_maps(norm):
+    from posefr_dist.model import mutual_information
+    from posefr_dist.model.entropy import histogram_entropies
+
+    a = _attention(2, 16, 3, temp=2.0)
+    ratios = []
+    for bw in (1.0, 0.3, 0.1, 1e-3):
+        h2, h3, _ = histogram_entropies(joint_histogram(a, a, bins=16, bandwidth=bw, norm=norm))
+        mi = mutual_information(a, a, bins=16, bandwidth=bw, norm=norm)
+        # soft bins blur the diagonal: MI(a; a) <= H(a), equal in the hard limit
+        assert torch.allclose(h2, h3) and (mi <= h2 + 1e-12).all()
+        ratios.append(float((mi / h2).min()))
+    assert all(r1 < r2 for r1, r2 in zip(ratios, ratios[1:])), ratios
+    assert torch.allclose(mi, h2, atol=1e-9) and (h2 > 1.0).all()
+    # independent maps (many positions, so the plug-in estimate's bias is small): MI ~ 0
+    g = torch.Generator().manual_seed(5)
+    x = torch.softmax(torch.randn(2, 64, 64, generator=g, dtype=torch.float64) * 2, -1)
+    y = torch.softmax(torch.randn(2, 64, 64, generator=g, dtype=torch.float64) * 2, -1)
+    mi_ind = mutual_information(x, y, bins=8, bandwidth=1.0, norm=norm)
+    h_x = histogram_entropies(joint_histogram(x, y, bins=8, bandwidth=1.0, norm=norm))[0]
+    assert (mi_ind >= -1e-9).all() and (mi_ind < 0.01 * h_x).all(), (mi_ind, h_x)

@@ -99,3 +99,53 @@ def test_load_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "embedding_dim": 32}))
     with pytest.raises(ValueError, match="do not fit"):
         load_2d(tmp_path)
+
+
+@pytest.mark.parametrize("sn,dn", [(True, False), (True, True), (False, True), (False, False)])
+def test_export_is_exact_with_spectral_and_domain_norm(tmp_path, sn, dn):
+    torch.manual_seed(0)
+    model = create_model("jam-je/ir_tiny/pointnet2_tiny", num_classes=4, image_size=32, num_points=64,
+                         embedding_dim=16, attn_spectral_norm=sn, attn_domain_norm=dn)
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.rand(6, 3, 32, 32, generator=g) * 2 - 1, "points": torch.randn(6, 64, 3, generator=g),
+             "label": torch.randint(0, 4, (6,), generator=g)}
+    opt = make_optimizer(model, "adamw", lr=1e-2)
+    for _ in range(2):  # the power-iteration vectors lag the weights by one step: W / sigma is not W
+        train_step(model, opt, batch)
+    with torch.no_grad():
+        model.jam.gamma.fill_(0.8)
+    model.eval()
+    export_2d(model, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["attn_domain_norm"] is dn and cfg["source"]["model"]["attn_spectral_norm"] is sn
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    # plain convs: the spectral norm is folded into the weights, Q/K without bias get a zero bias
+    assert {"attention.query.weight", "attention.query.bias", "attention.value.bias"} <= keys
+    assert not any(k.endswith(("weight_u", "weight_v")) for k in keys)
+    loaded = load_2d(tmp_path)
+    assert all(type(m) is torch.nn.Conv2d for m in (loaded.attention.query, loaded.attention.key,
+                                                     loaded.attention.value))
+    x = torch.rand(5, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(loaded.embed(x), model.embed_2d(x))
+        if sn:  # the fold is needed: the raw weights would give other embeddings
+            raw = load_2d(tmp_path)
+            raw.attention.query.weight.copy_(model.jam.query.weight)
+            raw.attention.key.weight.copy_(model.jam.key.weight)
+            assert not torch.allclose(raw.embed(x), model.embed_2d(x), atol=1e-4)
+
+
+def test_exports_without_the_domain_norm_field_still_load(tmp_path):
+    model = _trained("jam-je/ir_tiny/pointnet2_tiny")
+    export_2d(model, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg["attn_domain_norm"]  # as written before the field existed
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    loaded = load_2d(tmp_path)
+    assert not loaded.attention.domain_norm
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(loaded.embed(x), model.embed_2d(x))

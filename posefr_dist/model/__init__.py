@@ -10,7 +10,7 @@ modules (``export``, ``iresnet``, ``jam``) and never the 3D encoder, the heads o
 | IResNet, create_encoder_2d, load_adaface_backbone, adaface_key_map, EmbeddingHead | iresnet |
 | PointNet2Encoder, create_encoder_3d, farthest_point_sample, ball_query | pointnet2 |
 | JointAttention, SelfAttention2d | jam |
-| joint_entropy_loss, joint_histogram, normalise_attention | entropy |
+| joint_entropy_loss, joint_histogram, normalise_attention, mutual_information | entropy |
 | AdaFaceHead, ArcFaceHead, CosFaceHead, build_head | heads |
 """
 
@@ -55,6 +55,7 @@ _EXPORTS: dict[str, str] = {
     "joint_histogram": "entropy",
     "joint_entropy": "entropy",
     "normalise_attention": "entropy",
+    "mutual_information": "entropy",
     # heads
     "AdaFaceHead": "heads",
     "ArcFaceHead": "heads",
@@ -80,7 +81,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static analysers see the eager imports
-    from .entropy import joint_entropy, joint_entropy_loss, joint_histogram, normalise_attention
+    from .entropy import joint_entropy, joint_entropy_loss, joint_histogram, mutual_information, normalise_attention
     from .export import Face2DEmbedder, export_2d, load_2d
     from .heads import AdaFaceHead, ArcFaceHead, CosFaceHead, MarginHead, build_head
     from .iresnet import (IR_SPECS, EmbeddingHead, IResNet, adaface_key_map, create_encoder_2d,

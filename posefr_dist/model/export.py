@@ -7,8 +7,14 @@
   ``value``, ``gamma``; absent for ``2d-only``) and ``head.*`` (the embedding head, AdaFace's
   ``output_layer`` layout);
 * ``config.json``: ``format`` (``"posefr-2d"``), ``version`` (1), ``encoder_2d``, ``image_size``,
-  ``embedding_dim``, ``attention``, ``attn_reduction``, ``embedding`` (``"unnormalised"``) and
+  ``embedding_dim``, ``attention``, ``attn_reduction``, ``attn_domain_norm`` (instance norm before
+  Q and K; absent in older exports, read as false), ``embedding`` (``"unnormalised"``) and
   ``source`` (the joint model's variant, classes and configs, for the record).
+
+The attention is stored as plain 1x1 convs: a spectrally normalised conv of the joint model is
+written as W / sigma computed in eval mode (no power-iteration step) and a query/key without bias
+gets a zero bias, so the export reproduces the joint model's eval-mode 2D path exactly and needs no
+spectral-norm code (see ``jam``).
 
 ``load_2d(path)`` rebuilds the module from those two files. It imports only this module, the
 IResNet and the attention code (no 3D encoder, heads, losses or training code) and reads the
@@ -51,7 +57,7 @@ class Face2DEmbedder(nn.Module):
     """
 
     def __init__(self, encoder_2d: str, image_size: int, embedding_dim: int, attention: bool,
-                 attn_reduction: int = 8) -> None:
+                 attn_reduction: int = 8, attn_domain_norm: bool = False) -> None:
         super().__init__()
         self.encoder_name = encoder_2d
         self.image_size = image_size
@@ -59,7 +65,7 @@ class Face2DEmbedder(nn.Module):
         self.attn_reduction = attn_reduction
         self.encoder: IResNet = create_encoder_2d(encoder_2d, image_size, embedding_dim=None)
         c, s = self.encoder.out_channels, self.encoder.map_size
-        self.attention = SelfAttention2d(c, attn_reduction) if attention else None
+        self.attention = SelfAttention2d(c, attn_reduction, attn_domain_norm) if attention else None
         self.head = EmbeddingHead(c, s, embedding_dim)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -81,6 +87,7 @@ class Face2DEmbedder(nn.Module):
             "embedding_dim": self.embedding_dim,
             "attention": self.attention is not None,
             "attn_reduction": self.attn_reduction,
+            "attn_domain_norm": self.attention is not None and self.attention.domain_norm,
             "embedding": "unnormalised",
             "input": "RGB [B, 3, S, S] float32 in [-1, 1]",
         }
@@ -94,7 +101,8 @@ def _from_joint(model: nn.Module) -> Face2DEmbedder:
     reduction = getattr(jam, "reduction", 8)
     if enc.spec_name not in IR_SPECS:
         raise ValueError("the 2D encoder was not built by name (create_encoder_2d); its export cannot be rebuilt")
-    out = Face2DEmbedder(enc.spec_name, enc.image_size, head.embedding_dim, jam is not None, reduction)
+    out = Face2DEmbedder(enc.spec_name, enc.image_size, head.embedding_dim, jam is not None, reduction,
+                         bool(getattr(jam, "domain_norm", False)))
     out.encoder.load_state_dict(enc.state_dict())
     out.head.load_state_dict(head.state_dict())
     if jam is not None:
@@ -169,7 +177,8 @@ def load_2d(path: str | os.PathLike[str]) -> Face2DEmbedder:
     if cfg["encoder_2d"] not in IR_SPECS:
         raise ValueError(f"{cfg_path}: encoder_2d {cfg['encoder_2d']!r} unknown; known: {', '.join(IR_SPECS)}")
     model = Face2DEmbedder(cfg["encoder_2d"], int(cfg["image_size"]), int(cfg["embedding_dim"]),
-                           bool(cfg["attention"]), int(cfg.get("attn_reduction", 8)))
+                           bool(cfg["attention"]), int(cfg.get("attn_reduction", 8)),
+                           bool(cfg.get("attn_domain_norm", False)))
     tensors = load_file(str(w_path), device="cpu")
     try:
         model.load_state_dict(tensors, strict=True)

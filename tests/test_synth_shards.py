@@ -82,7 +82,10 @@ def test_schema_and_manifest(tiny_root):
     assert img.shape == (cfg.image_size, cfg.image_size, 3)
     pts = np.asarray(row["points"]).reshape(-1, 3)
     assert pts.shape == (cfg.points, 3)
-    assert np.allclose(pts.mean(0), 0, atol=1e-5) and np.isclose(np.linalg.norm(pts, axis=1).max(), 1.0, atol=1e-5)
+    # the face frame (render.face_frame): centred on the mesh's area centroid (the sample mean is
+    # ~0 up to sampling), scaled by its largest vertex distance (inside the unit ball)
+    norm = np.linalg.norm(pts, axis=1)
+    assert np.abs(pts.mean(0)).max() < 0.1 and 0.8 < norm.max() <= 1.0 + 1e-5
 
 
 def test_pose_plan_has_enrollment_and_profile_views():

@@ -32,9 +32,9 @@ from posefr_dist.data import shards as S
 
 log = logging.getLogger(__name__)
 
-READ_COLUMNS = ["sample_id", "subject_id", "label", "image", "yaw_deg", "points", "num_points"]
-#: columns of a decoded batch
-BATCH_COLUMNS = ("sample_id", "subject_id", "label", "image", "yaw_deg", "points", "has_points")
+READ_COLUMNS = ["sample_id", "subject_id", "label", "image", "yaw_deg", "pitch_deg", "points", "num_points"]
+#: columns of a decoded batch; ``yaw_deg`` and ``pitch_deg`` are float32 with NaN where unknown
+BATCH_COLUMNS = ("sample_id", "subject_id", "label", "image", "yaw_deg", "pitch_deg", "points", "has_points")
 
 
 class BadRowLog:
@@ -98,6 +98,7 @@ def _decode_batch(batch: dict[str, np.ndarray], *, expected_points: int, image_s
     points = np.zeros((n, expected_points, 3), np.float32)
     has_points = np.zeros(n, bool)
     yaw = np.full(n, np.nan, np.float32)
+    pitch = np.full(n, np.nan, np.float32)
     keep = np.ones(n, bool)
     bad: list[tuple[str, Any, str | None, str, int]] = []
     for i in range(n):
@@ -115,13 +116,14 @@ def _decode_batch(batch: dict[str, np.ndarray], *, expected_points: int, image_s
         if reason is None:
             if batch["label"][i] is None or (isinstance(batch["label"][i], float) and np.isnan(batch["label"][i])):
                 field, reason = "label", "null"
-        if reason is None:
-            y = batch["yaw_deg"][i]
-            if y is not None and not np.isnan(y):
-                r = S.check_angle(float(y), S.YAW_RANGE, nullable=True)
-                if r:
-                    field, reason = "yaw_deg", r
-                yaw[i] = y
+        for name, rng_, out in (("yaw_deg", S.YAW_RANGE, yaw), ("pitch_deg", S.PITCH_RANGE, pitch)):
+            if reason is None:
+                a = batch[name][i]  # null -> NaN (unknown pose)
+                if a is not None and not np.isnan(a):
+                    r = S.check_angle(float(a), rng_, nullable=True)
+                    if r:
+                        field, reason = name, r
+                    out[i] = a
         if reason is None:
             p = batch["points"][i]
             if p is not None:
@@ -150,6 +152,7 @@ def _decode_batch(batch: dict[str, np.ndarray], *, expected_points: int, image_s
         "label": np.asarray(batch["label"], dtype=np.int64)[keep],
         "image": images[keep],
         "yaw_deg": yaw[keep],
+        "pitch_deg": pitch[keep],
         "points": points[keep],
         "has_points": has_points[keep],
     }
@@ -196,8 +199,32 @@ def augment_batch(batch: dict[str, np.ndarray], rng: np.random.Generator, cfg: A
     out["yaw_deg"] = yaw
     pts = np.array(batch["points"], dtype=np.float32, copy=True)
     pts[flip, :, 0] = -pts[flip, :, 0]
-    out["points"] = pts
+    out["points"] = augment_points(pts, rng, cfg)
     return out
+
+
+def augment_points(pts: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
+    """Resample and jitter clouds ``[B, N, 3]`` so the 3D branch never sees the same cloud twice.
+
+    ``point_dropout`` p: per cloud, round(p N) points chosen at random are replaced by copies of
+    the kept ones (the point count stays N, the cloud's support is a random subset of it);
+    ``point_jitter`` s: every point moves by N(0, s^2) per axis (unit-scale cloud coordinates).
+    Draws nothing from ``rng`` when both are 0, so batches without point augmentation keep their
+    other random draws.
+    """
+    b, n = pts.shape[0], pts.shape[1] if pts.ndim == 3 else 0
+    if b == 0 or n == 0:
+        return pts
+    k = int(round(cfg.point_dropout * n))
+    if 0 < k < n:
+        order = np.argsort(rng.random((b, n)), axis=1)  # a random permutation per cloud
+        keep = order[:, : n - k]
+        fill = np.take_along_axis(keep, rng.integers(0, n - k, (b, k)), axis=1)
+        idx = np.concatenate([keep, fill], axis=1)
+        pts = np.take_along_axis(pts, idx[:, :, None], axis=1)
+    if cfg.point_jitter > 0:
+        pts = pts + rng.normal(0.0, cfg.point_jitter, pts.shape).astype(np.float32)
+    return np.ascontiguousarray(pts, dtype=np.float32)
 
 
 def to_float_images(img: np.ndarray) -> np.ndarray:

@@ -14,7 +14,9 @@ faces. Lighting, background and noise change from sample to sample.
 
 The renderer projects the surface grid orthographically at a given yaw/pitch, shades it
 (Lambert + ambient + a little specular) and splats points with a depth buffer; it renders a
-112×112 sample in a few milliseconds.
+112×112 sample in a few milliseconds. The image crop and the point clouds share one normalised
+face frame per (identity, expression) (:func:`face_frame`), and :func:`project_to_image` is the
+crop: a point of the cloud lands exactly where the image shows that part of the face.
 """
 
 from __future__ import annotations
@@ -35,11 +37,16 @@ _SKIN_DARK = np.array([0.36, 0.23, 0.15], dtype=np.float32)
 _EYE = np.array([[0.25, 0.14, 0.07], [0.20, 0.35, 0.60], [0.25, 0.45, 0.25], [0.42, 0.45, 0.48]],
                 dtype=np.float32)
 
-#: grid resolution of the rendered surface (lat x lon) and of the mesh the points come from
+#: grid resolution of the rendered surface (lat x lon)
 RENDER_GRID = (96, 192)
-#: crop: head radius as a share of the image side, and the face point the crop leans toward
-CROP_SCALE = 0.5
-FACE_CENTRE = np.array([0.0, -0.1, 0.9], dtype=np.float32)
+#: the crop: a point at face-frame coordinates q (see :func:`face_frame`) lands at image pixel
+#: ``size/2 + CROP_SCALE*size*(q . right)``, ``size/2 - CROP_SCALE*size*(q . up)``
+#: (:func:`project_to_image`). With face-frame radii ~1.16 head units, 0.56 keeps the head about
+#: as large as generator version 1's crop did (head silhouette ~64 % of the image on average, was
+#: ~66 %); the face proper (forehead to chin, cheek to cheek) stays >= 2.5 px inside a 112 px crop
+#: at |yaw| <= 100 and |pitch| <= 15; an ear may lose a few pixels at the edge at some poses.
+CROP_SCALE = 0.56
+#: grid resolution of the face mesh the points come from (and of the face frame)
 MESH_GRID = (64, 128)
 
 
@@ -253,6 +260,7 @@ class HeadSurface:
         n = np.where(flip, -n, n)
         self.ident, self.expression, self.grid = ident, expression, grid
         self.radius, self.albedo_grid = r, albedo
+        self._frame: tuple[np.ndarray, float] | None = None
         # one (N, 12) table: position, normal, albedo, radial direction
         self.table = np.concatenate(
             [pos.reshape(-1, 3), n.reshape(-1, 3), albedo.reshape(-1, 3), dirs.reshape(-1, 3)], axis=1
@@ -269,6 +277,13 @@ class HeadSurface:
     @property
     def albedo(self) -> np.ndarray:
         return self.table[:, 6:9]
+
+    @property
+    def frame(self) -> tuple[np.ndarray, float]:
+        """``(centre, radius)`` of this identity's face frame with this expression (:func:`face_frame`)."""
+        if self._frame is None:
+            self._frame = face_frame(self.ident, self.expression)
+        return self._frame
 
     def for_expression(self, expression: str) -> "HeadSurface":
         if expression == self.expression:
@@ -291,6 +306,33 @@ def view_dir(yaw_deg: float, pitch_deg: float) -> np.ndarray:
     return np.array([math.sin(y) * math.cos(p), math.sin(p), math.cos(y) * math.cos(p)], dtype=np.float32)
 
 
+def camera_basis(yaw_deg: float, pitch_deg: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(right, up, d)`` of the orthographic camera at (yaw, pitch): d = :func:`view_dir`,
+    right = cross(+Y, d) / |.|, up = cross(d, right). At (0, 0): right = +X, up = +Y."""
+    d = view_dir(yaw_deg, pitch_deg)
+    right = np.cross(np.array([0.0, 1.0, 0.0], dtype=np.float32), d)
+    right /= np.linalg.norm(right)
+    up = np.cross(d, right)
+    return right.astype(np.float32), up.astype(np.float32), d
+
+
+def project_to_image(points_norm: np.ndarray, yaw_deg: float, pitch_deg: float, size: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Continuous pixel coordinates ``(px, py)`` of face-frame points seen from (yaw, pitch).
+
+    ``points_norm [..., 3]`` are in the normalised face frame (:func:`face_frame`; the frame of
+    the shards' ``points``). ``px = size/2 + CROP_SCALE*size*(q . right)`` runs left to right and
+    ``py = size/2 - CROP_SCALE*size*(q . up)`` top to bottom; pixel (row k, column l) covers
+    ``[l, l+1) x [k, k+1)``. :func:`render` places every surface point with this function, so a
+    point of the cloud lands exactly where the renderer draws that part of the face.
+    """
+    right, up, _ = camera_basis(yaw_deg, pitch_deg)
+    q = np.asarray(points_norm, dtype=np.float32)
+    scale = np.float32(CROP_SCALE * size)
+    half = np.float32(size / 2)
+    return half + scale * (q @ right), half - scale * (q @ up)
+
+
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     base = rng.uniform(0.05, 0.95, 3).astype(np.float32)
     other = np.clip(base + rng.normal(0, 0.25, 3), 0, 1).astype(np.float32)
@@ -307,10 +349,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 def render(surface: HeadSurface, yaw_deg: float, pitch_deg: float, rng: np.random.Generator,
            size: int = 112, noise: float = 6.0) -> np.ndarray:
     """Render ``surface`` seen from (yaw, pitch) as a ``size``×``size`` RGB uint8 image."""
-    d = view_dir(yaw_deg, pitch_deg)
-    right = np.cross(np.array([0.0, 1.0, 0.0], dtype=np.float32), d)
-    right /= np.linalg.norm(right)
-    up = np.cross(d, right)
+    right, up, d = camera_basis(yaw_deg, pitch_deg)
     # back faces (normal away from the camera) are culled; the depth buffer does the rest
     t = surface.table[surface.table[:, 3:6] @ d > 0.0]
     pos, nrm, alb = t[:, 0:3], t[:, 3:6], t[:, 6:9]
@@ -326,22 +365,23 @@ def render(surface: HeadSurface, yaw_deg: float, pitch_deg: float, rng: np.rando
     lam = np.clip(shade[:, 0], 0.0, 1.0)
     spec = np.clip(shade[:, 1], 0.0, 1.0) ** 20 * rng.uniform(0.0, 0.25)
     color = alb * ((ambient + key * lam)[:, None] * tint) + spec[:, None]
-    # orthographic projection. Like an aligned face crop, the crop centres between the head centre
-    # and the face (a point at the middle of the face), so a profile view still shows the face
-    # side; the head radius spans ~50 % of the image side.
-    scale = CROP_SCALE * size
-    proj = pos @ np.stack([right, up, d], 1)
-    face = FACE_CENTRE @ np.stack([right, up], 1)
-    cx = size / 2 - 0.5 * face[0] * scale + rng.normal(0, 0.01) * size
-    cy = size / 2 + (0.5 * face[1] - 0.02) * scale + rng.normal(0, 0.01) * size
-    px = np.floor(cx + proj[:, 0] * scale).astype(np.int32)
-    py = np.floor(cy - proj[:, 1] * scale).astype(np.int32)
-    # a point covers its pixel and the next one right and down: keep those that touch the image
+    # orthographic projection of the normalised face frame, the same for the points of the cloud
+    # (project_to_image). Like an aligned face crop, it centres on the middle of the face (the
+    # face frame's centre), so a profile view still shows the face side. No random crop jitter:
+    # the crop is exactly reproducible from the cloud's frame (the data pipeline's shift/zoom
+    # augmentation adds misalignment during training).
+    centre, radius = surface.frame
+    fx, fy = project_to_image(((pos - centre) / radius).astype(np.float32), yaw_deg, pitch_deg, size)
+    depth = pos @ d
+    # a point covers the 2x2 pixels centred on it: from (floor(fx - 1/2), floor(fy - 1/2)) right and
+    # down; keep those that touch the image
+    px = np.floor(fx - 0.5).astype(np.int32)
+    py = np.floor(fy - 0.5).astype(np.int32)
     inside = (px >= -1) & (px < size) & (py >= -1) & (py < size)
-    px, py, proj, color = px[inside], py[inside], proj[inside], color[inside]
+    px, py, depth, color = px[inside], py[inside], depth[inside], color[inside]
     img = np.zeros((size + 2, size + 2, 3), dtype=np.float32)  # one pixel of margin all round
     img[1:-1, 1:-1] = _background(rng, size)
-    order = np.argsort(proj[:, 2])  # far first: nearer points overwrite
+    order = np.argsort(depth, kind="stable")  # far first: nearer points overwrite
     flat = (py[order] + 1) * (size + 2) + (px[order] + 1)
     color = color[order]
     img = img.reshape(-1, 3)
@@ -355,11 +395,10 @@ def render(surface: HeadSurface, yaw_deg: float, pitch_deg: float, rng: np.rando
     return np.clip(img + 0.5, 0, 255).astype(np.uint8)
 
 
-def face_mesh(ident: Identity, expression: str, grid: tuple[int, int] = MESH_GRID):
-    """The front of the head (face and ears) as an open3d triangle mesh in the canonical frame."""
-    import posefr_dist.data.o3d as o3d_loader
-
-    o3d = o3d_loader.open3d()
+def face_mesh_arrays(ident: Identity, expression: str, grid: tuple[int, int] = MESH_GRID
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """The front of the head (face and ears) as ``(vertices [V, 3] float64, triangles [T, 3] int64)``
+    in the canonical frame (head units); plain numpy, the geometry of :func:`face_mesh`."""
     nl, nlon = grid
     lat, lon = _grid(nl, nlon)
     r = head_radius(ident, expression, lat, lon)
@@ -372,11 +411,38 @@ def face_mesh(ident: Identity, expression: str, grid: tuple[int, int] = MESH_GRI
     c, e = idx[1:, :-1], idx[1:, 1:]
     tri = np.concatenate([np.stack([a, b, c], -1).reshape(-1, 3), np.stack([b, e, c], -1).reshape(-1, 3)])
     tri = tri[(tri >= 0).all(1)]
-    mesh = o3d.geometry.TriangleMesh(
-        o3d.utility.Vector3dVector(pos[keep].astype(np.float64)),
+    return pos[keep].astype(np.float64), tri
+
+
+def _frame_of(vertices: np.ndarray, triangles: np.ndarray) -> tuple[np.ndarray, float]:
+    a, b, c = (vertices[triangles[:, k]] for k in range(3))
+    area = 0.5 * np.linalg.norm(np.cross(b - a, c - a), axis=1)
+    centre = (area[:, None] * (a + b + c)).sum(0) / (3.0 * area.sum())
+    return centre, float(np.linalg.norm(vertices - centre, axis=1).max())
+
+
+def face_frame(ident: Identity, expression: str) -> tuple[np.ndarray, float]:
+    """``(centre [3] float64, radius)`` of the normalised face frame of (identity, expression).
+
+    ``centre`` is the area-weighted centroid of the face mesh's triangles (the expected mean of
+    points sampled uniformly from it) and ``radius`` the largest vertex distance from it, both from
+    :func:`face_mesh_arrays` on ``MESH_GRID``. A point p of the head maps to ``(p - centre) / radius``:
+    the point clouds (:func:`sample_face_points`) lie in this frame (centred, inside the unit
+    ball) and the image crop (:func:`project_to_image`) is defined in it.
+    """
+    return _frame_of(*face_mesh_arrays(ident, expression))
+
+
+def face_mesh(ident: Identity, expression: str, grid: tuple[int, int] = MESH_GRID):
+    """The front of the head (face and ears) as an open3d triangle mesh in the canonical frame."""
+    import posefr_dist.data.o3d as o3d_loader
+
+    o3d = o3d_loader.open3d()
+    vertices, tri = face_mesh_arrays(ident, expression, grid)
+    return o3d.geometry.TriangleMesh(
+        o3d.utility.Vector3dVector(vertices),
         o3d.utility.Vector3iVector(tri.astype(np.int32)),
     )
-    return mesh
 
 
 def normalize_points(pts: np.ndarray) -> np.ndarray:
@@ -386,10 +452,16 @@ def normalize_points(pts: np.ndarray) -> np.ndarray:
 
 
 def sample_face_points(ident: Identity, expression: str, n: int, seed: int) -> np.ndarray:
-    """``n`` points sampled uniformly from the face mesh with open3d, centred, unit scale."""
+    """``n`` points sampled uniformly from the face mesh with open3d, in the normalised face frame
+    (:func:`face_frame`): ``(p - centre) / radius``, so their mean is ~0 (up to sampling) and they
+    lie inside the unit ball; the image crop is defined in the same frame."""
     import posefr_dist.data.o3d as o3d_loader
 
     o3d = o3d_loader.open3d()
     o3d.utility.random.seed(int(seed) % (2**31))
-    pcd = face_mesh(ident, expression).sample_points_uniformly(number_of_points=n)
-    return normalize_points(np.asarray(pcd.points))
+    vertices, tri = face_mesh_arrays(ident, expression)
+    mesh = o3d.geometry.TriangleMesh(o3d.utility.Vector3dVector(vertices),
+                                     o3d.utility.Vector3iVector(tri.astype(np.int32)))
+    pcd = mesh.sample_points_uniformly(number_of_points=n)
+    centre, radius = _frame_of(vertices, tri)
+    return ((np.asarray(pcd.points) - centre) / radius).astype(np.float32)

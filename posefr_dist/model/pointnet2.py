@@ -14,16 +14,23 @@ rounding, barring exact distance ties):
 
 The reshaping block turns the last local set (M centroids with features) into the same
 ``[B, C_F, H_F, W_F]`` layout as the 2D feature map: each centroid's feature goes through a
-shared linear layer and is splatted onto an H_F x W_F grid laid over the canonical face frame's
-x-y plane (frontal orthographic view: +Y up, +X toward the subject's left = image right), with
-Gaussian weights normalised per cell over the points; the global feature is added to every cell.
-So cell (i, j) of the 3D map describes the same part of the face as cell (i, j) of a frontal
-2D map, which is what makes the position-wise joint histogram of the two attention maps mean
-something.
+shared linear layer and is splatted onto an H_F x W_F grid with Gaussian weights normalised per
+cell over the points; the global feature is added to every cell. Where the grid lies
+(``splat``):
+
+* ``posed`` (default): each centroid is projected at the sample's yaw and pitch with the image
+  crop's own projection (:func:`project_points_to_image`, the torch twin of
+  ``posefr_dist.data.render.project_to_image``) and divided by the image side, so cell (i, j)
+  covers image rows ``i*S/H..(i+1)*S/H`` and columns ``j*S/W..(j+1)*S/W``: the same face region as
+  cell (i, j) of the 2D map whatever the pose, which is what makes the position-wise joint
+  histogram of the two attention maps mean something. An unknown (NaN or absent) pose is
+  frontal (yaw = pitch = 0).
+* ``frontal``: the canonical face frame's x-y plane (frontal orthographic view, +Y up, +X toward
+  the subject's left = image right) over [-1, 1]^2 whatever the pose (the ablation).
 
 Example:
     >>> enc = create_encoder_3d("pointnet2_tiny", out_channels=128, map_size=4)
-    >>> enc(torch.randn(2, 256, 3)).shape
+    >>> enc(torch.randn(2, 256, 3), yaw_deg=torch.tensor([0.0, 60.0])).shape
     torch.Size([2, 128, 4, 4])
 """
 
@@ -34,6 +41,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from posefr_dist.data.render import CROP_SCALE
+
 __all__ = [
     "SALevel",
     "PointNet2Spec",
@@ -41,6 +50,8 @@ __all__ = [
     "PointNet2SSG",
     "PointSetToMap",
     "PointNet2Encoder",
+    "SPLAT_MODES",
+    "project_points_to_image",
     "farthest_point_sample",
     "ball_query",
     "gather_points",
@@ -199,6 +210,48 @@ class PointNet2SSG(nn.Module):
         return xyz, feats, g.squeeze(1)
 
 
+#: where the reshaping block places the points (``ModelConfig.splat``)
+SPLAT_MODES = ("posed", "frontal")
+
+
+def _pose(angle: torch.Tensor | None, b: int, device: torch.device) -> torch.Tensor:
+    """``[B]`` float32 radians; None or NaN -> 0 (frontal)."""
+    if angle is None:
+        return torch.zeros(b, dtype=torch.float32, device=device)
+    a = torch.as_tensor(angle, device=device).to(torch.float32).reshape(-1)
+    if a.shape[0] != b:
+        raise ValueError(f"pose has {a.shape[0]} rows, the point batch has {b}")
+    return torch.deg2rad(torch.nan_to_num(a, nan=0.0))
+
+
+def camera_basis(yaw_deg: torch.Tensor | None, pitch_deg: torch.Tensor | None, b: int,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(right, up, d)``, each ``[B, 3]`` float32, as ``posefr_dist.data.render.camera_basis``:
+    d = (sin y cos p, sin p, cos y cos p), right = cross(+Y, d) / |.|, up = cross(d, right).
+    A NaN or absent angle counts as 0; |pitch| is capped just below 90 degrees, where right is
+    undefined."""
+    y, p = _pose(yaw_deg, b, device), _pose(pitch_deg, b, device).clamp(-1.5690, 1.5690)
+    d = torch.stack([torch.sin(y) * torch.cos(p), torch.sin(p), torch.cos(y) * torch.cos(p)], -1)
+    up0 = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float32, device=device).expand_as(d)
+    right = torch.linalg.cross(up0, d, dim=-1)
+    right = right / right.norm(dim=-1, keepdim=True)
+    return right, torch.linalg.cross(d, right, dim=-1), d
+
+
+def project_points_to_image(xyz: torch.Tensor, yaw_deg: torch.Tensor | None, pitch_deg: torch.Tensor | None,
+                            size: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Continuous image coordinates ``(px, py)`` ``[B, M]`` of face-frame points ``xyz [B, M, 3]``
+    seen from (yaw, pitch) ``[B]`` degrees: the renderer's crop (``render.project_to_image``),
+    ``px = size/2 + CROP_SCALE*size*(q . right)``, ``py = size/2 - CROP_SCALE*size*(q . up)``.
+    ``size=1`` gives coordinates as a share of the image side. NaN/absent angles count as 0."""
+    right, up, _ = camera_basis(yaw_deg, pitch_deg, xyz.shape[0], xyz.device)
+    q = xyz.to(torch.float32)
+    half, scale = 0.5 * size, CROP_SCALE * size
+    px = half + scale * (q * right.unsqueeze(1)).sum(-1)
+    py = half - scale * (q * up.unsqueeze(1)).sum(-1)
+    return px, py
+
+
 class PointSetToMap(nn.Module):
     """The reshaping block: a point set with features -> ``[B, C_F, H_F, W_F]``.
 
@@ -206,14 +259,26 @@ class PointSetToMap(nn.Module):
         local_channels, global_channels: input widths.
         out_channels: C_F (the 2D map's channels).
         map_size: H_F = W_F.
-        extent: half-width of the frontal window in the canonical frame (unit-scale faces: 1).
+        extent: ``frontal`` only: half-width of the frontal window in the canonical frame
+            (unit-scale faces: 1).
         sigma_cells: Gaussian splat width, in grid cells.
+        splat: ``posed`` (the points at the sample's pose, where the image crop shows them) or
+            ``frontal`` (the canonical x-y plane whatever the pose); see the module docstring.
+        front_only: ``posed`` only: just the centroids on the camera's side of the face place
+            features (camera depth ``q . d`` at or above the cloud's median depth: a simple proxy
+            for "the surface faces the camera"); the others are hidden in the image too.
     """
 
     def __init__(self, local_channels: int, global_channels: int, out_channels: int, map_size: int,
-                 extent: float = 1.0, sigma_cells: float = 1.0) -> None:
+                 extent: float = 1.0, sigma_cells: float = 1.0, splat: str = "posed",
+                 front_only: bool = False) -> None:
         super().__init__()
+        if splat not in SPLAT_MODES:
+            raise ValueError(f"splat must be one of {SPLAT_MODES}, got {splat!r}")
         self.map_size = map_size
+        self.splat = splat
+        self.front_only = bool(front_only) and splat == "posed"
+        self.extent = float(extent)
         self.point_proj = nn.Linear(local_channels, out_channels, bias=False)
         self.global_proj = nn.Linear(global_channels, out_channels)
         self.norm = nn.BatchNorm2d(out_channels)
@@ -225,39 +290,76 @@ class PointSetToMap(nn.Module):
         self.register_buffer("cells", torch.stack([gx, gy], -1).reshape(-1, 2), persistent=False)
         self.inv_two_sigma2 = 1.0 / (2.0 * (sigma_cells * step) ** 2)
 
-    def forward(self, xyz: torch.Tensor, local: torch.Tensor, glob: torch.Tensor) -> torch.Tensor:
+    def place(self, xyz: torch.Tensor, yaw_deg: torch.Tensor | None = None,
+              pitch_deg: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Where each point goes, in the window units of ``cells`` (``[B, M, 2]``: x right, y up;
+        the window [-extent, extent]^2 is the whole map), and the mask ``[B, M]`` of the points that
+        may contribute (None = all)."""
+        if self.splat == "frontal":
+            return xyz[..., :2], None
+        # image coordinates as a share of the side: cell (i, j) covers [j/W, (j+1)/W) x [i/H, (i+1)/H)
+        u, v = project_points_to_image(xyz, yaw_deg, pitch_deg, size=1.0)
+        pos = torch.stack([(2.0 * u - 1.0) * self.extent, (1.0 - 2.0 * v) * self.extent], -1).to(xyz.dtype)
+        mask = None
+        if self.front_only:
+            _, _, d = camera_basis(yaw_deg, pitch_deg, xyz.shape[0], xyz.device)
+            depth = (xyz.to(torch.float32) * d.unsqueeze(1)).sum(-1)  # toward the camera
+            mask = depth >= depth.median(dim=1, keepdim=True).values
+        return pos, mask
+
+    def forward(self, xyz: torch.Tensor, local: torch.Tensor, glob: torch.Tensor,
+                yaw_deg: torch.Tensor | None = None, pitch_deg: torch.Tensor | None = None) -> torch.Tensor:
+        """``xyz [B, M, 3]`` (normalised face frame), ``local [B, M, C_l]``, ``glob [B, C_g]``,
+        optional ``yaw_deg``/``pitch_deg`` ``[B]`` (``posed``; NaN = unknown = frontal)."""
         b = xyz.shape[0]
-        d2 = torch.cdist(self.cells.to(xyz.dtype).unsqueeze(0).expand(b, -1, -1), xyz[..., :2]).pow(2)
-        w = torch.softmax(-d2 * self.inv_two_sigma2, dim=-1)  # [B, H*W, M], rows sum to 1
+        w = self.cell_weights(xyz, yaw_deg, pitch_deg)  # [B, H*W, M], rows sum to 1
         cells = w @ self.point_proj(local)  # [B, H*W, C_F]
         cells = cells + self.global_proj(glob).unsqueeze(1)
         x = cells.transpose(1, 2).reshape(b, -1, self.map_size, self.map_size)
         return self.act(self.norm(x))
 
+    def cell_weights(self, xyz: torch.Tensor, yaw_deg: torch.Tensor | None = None,
+                     pitch_deg: torch.Tensor | None = None) -> torch.Tensor:
+        """Splat weights ``[B, H*W, M]``: cell (row-major) x point, each cell's row sums to 1."""
+        b = xyz.shape[0]
+        pos, mask = self.place(xyz, yaw_deg, pitch_deg)
+        d2 = torch.cdist(self.cells.to(pos.dtype).unsqueeze(0).expand(b, -1, -1), pos).pow(2)
+        logits = -d2 * self.inv_two_sigma2
+        if mask is not None:
+            logits = logits.masked_fill(~mask.unsqueeze(1), float("-inf"))
+        return torch.softmax(logits, dim=-1)
+
 
 class PointNet2Encoder(nn.Module):
     """PointNet++ trunk + reshaping block: ``[B, N, 3]`` -> ``[B, C_F, H_F, W_F]``."""
 
-    def __init__(self, spec: PointNet2Spec, out_channels: int, map_size: int) -> None:
+    def __init__(self, spec: PointNet2Spec, out_channels: int, map_size: int, splat: str = "posed",
+                 splat_front_only: bool = False) -> None:
         super().__init__()
         self.trunk = PointNet2SSG(spec)
         self.reshape = PointSetToMap(self.trunk.local_channels, self.trunk.global_channels,
-                                     out_channels, map_size)
+                                     out_channels, map_size, splat=splat, front_only=splat_front_only)
         self.out_channels = out_channels
         self.map_size = map_size
 
-    def forward(self, points: torch.Tensor) -> torch.Tensor:
+    def forward(self, points: torch.Tensor, yaw_deg: torch.Tensor | None = None,
+                pitch_deg: torch.Tensor | None = None) -> torch.Tensor:
+        """``points [B, N, 3]`` in the normalised face frame; ``yaw_deg``, ``pitch_deg`` ``[B]``: the
+        pose of the paired image (``splat: posed``; None or NaN = frontal)."""
         if points.dim() != 3 or points.shape[-1] != 3:
             raise ValueError(f"points must be [B, N, 3], got {tuple(points.shape)}")
-        return self.reshape(*self.trunk(points))
+        return self.reshape(*self.trunk(points), yaw_deg=yaw_deg, pitch_deg=pitch_deg)
 
 
-def create_encoder_3d(name: str, out_channels: int, map_size: int) -> PointNet2Encoder:
+def create_encoder_3d(name: str, out_channels: int, map_size: int, splat: str = "posed",
+                      splat_front_only: bool = False) -> PointNet2Encoder:
     """Build a 3D encoder by registry name.
 
     Args:
         name: ``pointnet2_ssg`` or ``pointnet2_tiny``.
         out_channels, map_size: the 2D feature map's C_F and H_F (= W_F) to match.
+        splat, splat_front_only: where the reshaping block places the points
+            (``ModelConfig.splat``, ``ModelConfig.splat_front_only``; see :class:`PointSetToMap`).
 
     Returns:
         A :class:`PointNet2Encoder`. A level asks for at most as many centroids as there are
@@ -265,4 +367,5 @@ def create_encoder_3d(name: str, out_channels: int, map_size: int) -> PointNet2E
     """
     if name not in POINTNET2_SPECS:
         raise ValueError(f"unknown 3D encoder {name!r}; available: {', '.join(list_encoders_3d())}")
-    return PointNet2Encoder(POINTNET2_SPECS[name], out_channels, map_size)
+    return PointNet2Encoder(POINTNET2_SPECS[name], out_channels, map_size, splat=splat,
+                            splat_front_only=splat_front_only)

@@ -61,12 +61,21 @@ class AugmentConfig:
     scale: float = 0.05
     #: max shift as a fraction of the image side
     shift: float = 0.04
+    #: share of a cloud's points dropped and replaced by copies of kept points, per sample and
+    #: epoch (0 = off), so the 3D branch never sees the same cloud twice
+    point_dropout: float = 0.0
+    #: Gaussian jitter of every point, in the cloud's unit-scale coordinates (0 = off)
+    point_jitter: float = 0.0
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.hflip_prob <= 1.0, "data.augment.hflip_prob", "must be in [0, 1]")
         for name in ("color_jitter", "scale", "shift"):
             v = getattr(self, name)
             _check(0.0 <= v < 0.5, f"data.augment.{name}", f"must be in [0, 0.5), got {v}")
+        _check(0.0 <= self.point_dropout < 1.0, "data.augment.point_dropout",
+               f"must be in [0, 1), got {self.point_dropout}")
+        _check(0.0 <= self.point_jitter < 0.2, "data.augment.point_jitter",
+               f"must be in [0, 0.2), got {self.point_jitter}")
 
 
 @dataclass
@@ -117,6 +126,11 @@ class SynthConfig:
     noise: float = 6.0
     #: 0..1: how strongly identities differ in shape and appearance (lower = harder)
     identity_strength: float = 1.0
+    #: probe poses: ``stratified`` (equal counts in the |yaw| bins 0-30, 30-60, 60-90, 90+) or
+    #: ``web`` (a web-photo mix: |yaw| half-normal with sigma 25 degrees, mostly below 45)
+    pose_mix: str = "stratified"
+    #: sample a point cloud per row; false writes null points (a 2D-only set, e.g. for pretraining)
+    with_points: bool = True
 
     def __post_init__(self) -> None:
         _check(self.identities >= 3, "synth.identities", f"need >= 3 (one per split), got {self.identities}")
@@ -134,6 +148,7 @@ class SynthConfig:
         _check(0 <= self.enroll_max_yaw <= 30, "synth.enroll_max_yaw", "must be in [0, 30]")
         _check(self.noise >= 0, "synth.noise", "must be >= 0")
         _check(0 < self.identity_strength <= 2, "synth.identity_strength", "must be in (0, 2]")
+        _one_of(self.pose_mix, ("stratified", "web"), "synth.pose_mix")
 
 
 @dataclass
@@ -156,10 +171,25 @@ class ModelConfig:
     dropout: float = 0.0
     #: the joint attention's query/key width is C_F // attn_reduction (SAGAN: 8)
     attn_reduction: int = 8
-    #: a pretrained 2D face model in AdaFace's layout (``.ckpt`` or ``.safetensors``; a path or an
-    #: ``s3://`` URI) that the IR trunk and the shared output layer start from; '' = from scratch.
-    #: A resumed run loads its own checkpoint over it.
+    #: a pretrained 2D face model in AdaFace's layout (``.ckpt`` or ``.safetensors``) or this
+    #: project's 2D export (``posefr export``/``posefr pretrain``: its folder or model.safetensors;
+    #: its attention is not loaded); a path or an ``s3://`` URI, that the IR trunk and the shared
+    #: output layer start from; '' = from scratch. A resumed run loads its own checkpoint over it.
     pretrained_2d: str = ""
+    #: where the reshaping block puts the point features on the 2D grid: ``posed`` (projected at
+    #: the sample's yaw and pitch with the image crop's projection, so cell (i, j) is the same face
+    #: region in A_2D and A_3D) or ``frontal`` (the canonical x-y plane whatever the pose)
+    splat: str = "posed"
+    #: with ``splat: posed``, only points whose side faces the camera are placed
+    splat_front_only: bool = False
+    #: spectral normalisation of the attention's query/key/value 1x1 convs (SAGAN), which bounds
+    #: the energies so the joint-entropy loss cannot fall by sharpening the softmax alone
+    attn_spectral_norm: bool = True
+    #: non-affine per-domain normalisation (instance norm) of each feature map before the shared Q/K
+    attn_domain_norm: bool = False
+    #: the 3D branch is classified by the 2D branch's identity head (the same class centres), which
+    #: ties the 2D and 3D embedding spaces together; false = one AdaFace head per branch (the paper)
+    shared_head: bool = False
 
     def __post_init__(self) -> None:
         _one_of(self.variant, ("2d-only", "jam", "jam-je"), "model.variant")
@@ -171,6 +201,7 @@ class ModelConfig:
         _check(0 < self.head_t_alpha <= 1, "model.head_t_alpha", "must be in (0, 1]")
         _check(0 <= self.dropout < 1, "model.dropout", "must be in [0, 1)")
         _check(self.attn_reduction >= 1, "model.attn_reduction", f"must be >= 1, got {self.attn_reduction}")
+        _one_of(self.splat, ("posed", "frontal"), "model.splat")
 
 
 @dataclass
@@ -186,6 +217,11 @@ class LossConfig:
     #: how attention values are mapped to [0, 1] before binning: ``minmax`` (per attention row) or
     #: ``hw`` (r = H*W*a, r / (1 + r)); see posefr_dist.model.entropy
     je_norm: str = "minmax"
+    #: lambda_JE rises linearly from 0 over this many epochs (0 = full weight from the start)
+    je_warmup_epochs: int = 0
+    #: ``joint``: L_JE = H(A_2D, A_3D), the joint entropy (the paper); ``mi``: L_JE = -MI(A_2D; A_3D)
+    #: = H(A_2D, A_3D) - H(A_2D) - H(A_3D), which sharpening either map alone cannot lower
+    je_form: str = "joint"
 
     def __post_init__(self) -> None:
         _check(self.w_3d >= 0, "loss.w_3d", "must be >= 0")
@@ -193,6 +229,8 @@ class LossConfig:
         _check(2 <= self.je_bins <= 512, "loss.je_bins", f"must be in [2, 512], got {self.je_bins}")
         _check(self.je_bandwidth > 0, "loss.je_bandwidth", "must be > 0")
         _one_of(self.je_norm, ("minmax", "hw"), "loss.je_norm")
+        _check(self.je_warmup_epochs >= 0, "loss.je_warmup_epochs", "must be >= 0")
+        _one_of(self.je_form, ("joint", "mi"), "loss.je_form")
 
 
 @dataclass
@@ -236,6 +274,11 @@ class TrainConfig:
     #: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32`` or ``bf16``
     precision: str = "auto"
     seed: int = 0
+    #: learning-rate multiplier of the parameters loaded from ``model.pretrained_2d`` (the new
+    #: modules: attention, 3D branch, heads, train at the full rate)
+    pretrained_lr_mult: float = 1.0
+    #: the parameters loaded from ``model.pretrained_2d`` stay frozen for this many epochs
+    freeze_pretrained_epochs: int = 0
     #: Ray Train workers; ``min_workers`` > 0 makes the group elastic in [min_workers, num_workers]
     num_workers: int = 2
     min_workers: int = 0
@@ -278,6 +321,9 @@ class TrainConfig:
         _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
         _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
         _check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+        _check(self.pretrained_lr_mult > 0, "train.pretrained_lr_mult", "must be > 0")
+        _check(0 <= self.freeze_pretrained_epochs < self.epochs, "train.freeze_pretrained_epochs",
+               f"must be in [0, train.epochs={self.epochs})")
         _one_of(self.zero_stage, (0, 1, 2, 3), "train.zero_stage")
         _one_of(self.precision, ("auto", "fp32", "bf16"), "train.precision")
         _check(self.num_workers >= 1, "train.num_workers", f"must be >= 1, got {self.num_workers}")

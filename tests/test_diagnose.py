@@ -67,6 +67,38 @@ def test_jam_je_diagnostics_match_direct_computation(root, tmp_path):
         assert 0 <= h <= math.log(hw) + 1e-5, b
     for b, je in att["je_2d_3d"].items():
         assert 0 <= je <= att["je_max"] + 1e-5, b
+    # L_JE, MI(A_2D; A_3D) and the marginal entropies per yaw bin, directly: the model's attention
+    # maps, its soft joint histogram per row, then numpy (MI as sum P log(P / (P2 P3)))
+    from posefr_dist.model.entropy import joint_histogram
+
+    keep = data["has_points"]
+    with torch.no_grad():
+        _, a2 = model.embed_2d(torch.from_numpy(data["image"]), return_attention=True)
+        _, a3 = model.jam(model.encoder_3d(torch.from_numpy(data["points"])), "3d")
+        lc = model.loss_cfg
+        p = joint_histogram(a2, a3, lc.je_bins, lc.je_bandwidth, lc.je_norm).double().numpy()[keep]
+    p2, p3 = p.sum(2), p.sum(1)
+
+    def ent(q, axes):
+        return -np.where(q > 0, q * np.log(np.where(q > 0, q, 1.0)), 0.0).sum(axes)
+
+    outer = p2[:, :, None] * p3[:, None, :]
+    direct_fig = {
+        "je_2d_3d": ent(p, (1, 2)),
+        "hist_entropy_2d": ent(p2, 1),
+        "hist_entropy_3d": ent(p3, 1),
+        "mi_2d_3d": np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0) / np.where(p > 0, outer, 1.0)), 0.0).sum((1, 2)),
+    }
+    ybins = _bin_of(yaw[keep], [0, 30, 60, 90])
+    for name, rows in direct_fig.items():
+        assert set(att[name]) == set(ybins.tolist()) | {"all"}, name
+        for b, v in att[name].items():
+            m = np.ones(len(rows), bool) if b == "all" else ybins == b
+            assert v == pytest.approx(float(rows[m].mean()), rel=1e-4, abs=1e-6), (name, b)
+    for b in att["mi_2d_3d"]:
+        assert -1e-6 <= att["mi_2d_3d"][b] <= min(att["hist_entropy_2d"][b], att["hist_entropy_3d"][b]) + 1e-6
+        assert att["je_2d_3d"][b] == pytest.approx(
+            att["hist_entropy_2d"][b] + att["hist_entropy_3d"][b] - att["mi_2d_3d"][b], abs=1e-5)
     assert set(rep["tar_3d"]) >= {"0-30", "90+", "all"}
     # a bin with too few impostor pairs for the FAR reports None, as the verification does
     assert rep["tar_3d"]["all"]["0.1"] is not None
@@ -74,7 +106,8 @@ def test_jam_je_diagnostics_match_direct_computation(root, tmp_path):
     for b, c in rep["cross_cos"].items():
         assert -1.0 <= c <= 1.0, b
     table = diagnostics_table({"jam-je": [rep]}, far=0.1)
-    assert "| jam-je | 1 |" in table and "0.250" in table
+    assert "| jam-je | 1 |" in table and "0.250" in table and "MI(A_2D; A_3D)" in table
+    assert len(table.splitlines()[2].split("|")) == len(table.splitlines()[0].split("|"))
 
 
 def test_two_d_only_has_no_3d_figures(root, tmp_path):
@@ -83,6 +116,7 @@ def test_two_d_only_has_no_3d_figures(root, tmp_path):
     assert rep["rows"] == 12 and "tar_3d" not in rep and "attention" not in rep
     table = diagnostics_table({"2d-only": [rep]})
     assert table.splitlines()[2].count("n/a") >= 5
+    assert len(table.splitlines()[2].split("|")) == len(table.splitlines()[0].split("|"))
 
 
 def test_load_model_round_trip(tmp_path):

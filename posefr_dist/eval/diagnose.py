@@ -15,7 +15,11 @@ help say *why*. For a checkpoint of any variant, on one split (rows read in-proc
 * attention (3D variants): ``gamma`` (the weight of the attention output), the mean row entropy of
   A_2D and of A_3D (nats; log(HW) is uniform), and the joint entropy L_JE(A_2D, A_3D) per yaw bin
   with the model's own histogram settings, whatever its lambda_JE, so ``jam`` and ``jam-je`` are
-  measured alike.
+  measured alike. Next to it, from the same joint histogram and with the same binning:
+  ``mi_2d_3d`` (the mutual information MI(A_2D; A_3D)) and ``hist_entropy_2d`` / ``hist_entropy_3d``
+  (the entropies H(A_2D), H(A_3D) of its marginals), so L_JE = H(A_2D) + H(A_3D) - MI per row: a
+  lower L_JE from a higher MI means aligned maps, one from lower marginal entropies means sharper
+  maps.
 
 Example:
     >>> rep = diagnose("out/demo/runs/demo-jam-je/checkpoint_000011", "out/demo/shards")  # doctest: +SKIP
@@ -35,13 +39,13 @@ __all__ = ["diagnose", "read_split_arrays", "diagnostics_table"]
 
 
 def read_split_arrays(shards_uri: str, split: str, max_rows: int | None = None) -> dict[str, np.ndarray]:
-    """Images (float32 [-1, 1], NCHW), points, subject ids and yaw of a split, in shard order."""
+    """Images (float32 [-1, 1], NCHW), points, subject ids, yaw and pitch of a split, in shard order."""
     from posefr_dist.data.pipeline import to_float_images
 
-    images, points, sids, yaws = [], [], [], []
+    images, points, sids, yaws, pitches = [], [], [], [], []
     n = 0
     for uri in S.shard_uris(shards_uri, split):
-        table = S.read_shard_bytes(uri).select(["sample_id", "subject_id", "image", "yaw_deg", "points"])
+        table = S.read_shard_bytes(uri).select(["sample_id", "subject_id", "image", "yaw_deg", "pitch_deg", "points"])
         for i, row in enumerate(table.to_pylist()):
             try:
                 img = S.decode_image(row["image"])
@@ -52,6 +56,7 @@ def read_split_arrays(shards_uri: str, split: str, max_rows: int | None = None) 
             points.append(None if pts is None else np.asarray(pts, np.float32).reshape(-1, 3))
             sids.append(row["subject_id"])
             yaws.append(np.nan if row["yaw_deg"] is None else float(row["yaw_deg"]))
+            pitches.append(np.nan if row["pitch_deg"] is None else float(row["pitch_deg"]))
             n += 1
             if max_rows is not None and n >= max_rows:
                 break
@@ -65,7 +70,7 @@ def read_split_arrays(shards_uri: str, split: str, max_rows: int | None = None) 
         if p is not None:
             pts[i] = p
     return {"image": img, "points": pts, "has_points": has_points, "subject_id": np.array(sids),
-            "yaw": np.array(yaws, np.float32)}
+            "yaw": np.array(yaws, np.float32), "pitch": np.array(pitches, np.float32)}
 
 
 def _bin_of(yaw: np.ndarray, edges: list[float]) -> np.ndarray:
@@ -97,7 +102,7 @@ def diagnose(checkpoint_uri: str, shards_uri: str, split: str = "test", *, fars:
     import torch.nn.functional as F
 
     from posefr_dist.eval.verify import verify_arrays
-    from posefr_dist.model.entropy import joint_entropy, joint_histogram
+    from posefr_dist.model.entropy import histogram_entropies, joint_histogram
     from posefr_dist.train.checkpoint import load_model
 
     model, meta = load_model(checkpoint_uri)
@@ -108,7 +113,7 @@ def diagnose(checkpoint_uri: str, shards_uri: str, split: str = "test", *, fars:
     bins = _bin_of(yaw, edges)
     enrolled = np.nan_to_num(np.abs(yaw), nan=np.inf) <= enroll_max_yaw
     has3d = model.encoder_3d is not None
-    e2, e3, ent2, ent3, je = [], [], [], [], []
+    e2, e3, ent2, ent3, je, h2, h3 = [], [], [], [], [], [], []
     lc = model.loss_cfg
     with torch.no_grad():
         for i in range(0, len(yaw), batch_size):
@@ -117,11 +122,17 @@ def diagnose(checkpoint_uri: str, shards_uri: str, split: str = "test", *, fars:
             e2.append(emb)
             if has3d:
                 pts = torch.from_numpy(data["points"][i:i + batch_size])
-                j3, a3 = model.jam(model.encoder_3d(pts), "3d")
+                # the 3D map laid out at the image's pose, as in training (model.splat)
+                pose = {"yaw_deg": torch.from_numpy(data["yaw"][i:i + batch_size]),
+                        "pitch_deg": torch.from_numpy(data["pitch"][i:i + batch_size])}
+                j3, a3 = model.jam(model.encoder_3d(pts, **pose), "3d")
                 e3.append(model._embed_3d(j3))
                 ent2.append(-(a2 * a2.clamp_min(1e-30).log()).sum(-1).mean(-1))
                 ent3.append(-(a3 * a3.clamp_min(1e-30).log()).sum(-1).mean(-1))
-                je.append(joint_entropy(joint_histogram(a2, a3, lc.je_bins, lc.je_bandwidth, lc.je_norm)))
+                hm2, hm3, h23 = histogram_entropies(joint_histogram(a2, a3, lc.je_bins, lc.je_bandwidth, lc.je_norm))
+                je.append(h23)
+                h2.append(hm2)
+                h3.append(hm3)
     emb2 = torch.cat(e2).numpy()
     subjects = data["subject_id"]
     out: dict[str, Any] = {
@@ -146,12 +157,16 @@ def diagnose(checkpoint_uri: str, shards_uri: str, split: str = "test", *, fars:
     out["cross_cos"] = _per_bin(same, bins[keep])
     out["cross_cos_impostor"] = float(imp.mean()) if imp.size else float("nan")
     hw = int(model.encoder_2d.map_size) ** 2
+    je_rows, h2_rows, h3_rows = (torch.cat(x).numpy()[keep] for x in (je, h2, h3))
     out["attention"] = {
         "gamma": float(model.jam.gamma.detach().reshape(-1)[0]),
         "uniform_entropy": math.log(hw),
         "row_entropy_2d": _per_bin(torch.cat(ent2).numpy(), bins),
         "row_entropy_3d": float(torch.cat(ent3).numpy()[keep].mean()),
-        "je_2d_3d": _per_bin(torch.cat(je).numpy()[keep], bins[keep]),
+        "je_2d_3d": _per_bin(je_rows, bins[keep]),
+        "mi_2d_3d": _per_bin(h2_rows + h3_rows - je_rows, bins[keep]),
+        "hist_entropy_2d": _per_bin(h2_rows, bins[keep]),
+        "hist_entropy_3d": _per_bin(h3_rows, bins[keep]),
         "je_max": 2 * math.log(lc.je_bins),
     }
     return out
@@ -176,7 +191,7 @@ def diagnostics_table(diags: dict[str, list[dict[str, Any]]], far: float = 0.01,
 
     head = (["variant", "runs"] + [f"2D TAR {b}" for b in bins] + [f"3D TAR {b}" for b in bins]
             + ["2D-3D cos same id (0-30 / 90+)", "2D-3D cos other id", "gamma",
-               "A_2D row entropy (0-30 / 90+)", "L_JE(A_2D, A_3D) (0-30 / 90+)"])
+               "A_2D row entropy (0-30 / 90+)", "L_JE(A_2D, A_3D) (0-30 / 90+)", "MI(A_2D; A_3D) (0-30 / 90+)"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v, runs in diags.items():
         row = [v, str(len(runs))]
@@ -191,7 +206,9 @@ def diagnostics_table(diags: dict[str, list[dict[str, Any]]], far: float = 0.01,
             row.append(" / ".join(ent))
             je = [_fmt(mean([r["attention"]["je_2d_3d"].get(b) for r in runs]), 1, 2) for b in ("0-30", "90+")]
             row.append(" / ".join(je))
+            mi = [_fmt(mean([r["attention"].get("mi_2d_3d", {}).get(b) for r in runs]), 1, 3) for b in ("0-30", "90+")]
+            row.append(" / ".join(mi))
         else:
-            row += ["n/a"] * (len(bins) + 5)
+            row += ["n/a"] * (len(bins) + 6)
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)

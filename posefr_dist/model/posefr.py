@@ -44,7 +44,7 @@ from torch import nn
 
 from posefr_dist.config import LossConfig, ModelConfig
 
-from .entropy import joint_entropy_loss
+from .entropy import joint_entropy_loss, mutual_information
 from .heads import build_head
 from .iresnet import IR_SPECS, EmbeddingHead, IResNet, create_encoder_2d
 from .jam import JointAttention
@@ -110,10 +110,15 @@ class PoseFRModel(nn.Module):
         self.embed_norm_3d: DomainNorm3d | None = None
         self.head_3d: nn.Module | None = None
         if spec.use_3d:
-            self.jam = JointAttention(c, model_cfg.attn_reduction)
-            self.encoder_3d = create_encoder_3d(model_cfg.encoder_3d, c, s)
+            self.jam = JointAttention(c, model_cfg.attn_reduction, spectral_norm=model_cfg.attn_spectral_norm,
+                                      domain_norm=model_cfg.attn_domain_norm)
+            self.encoder_3d = create_encoder_3d(model_cfg.encoder_3d, c, s, splat=model_cfg.splat,
+                                                splat_front_only=model_cfg.splat_front_only)
             self.embed_norm_3d = DomainNorm3d(c, model_cfg.embedding_dim)
-            self.head_3d = build_head(model_cfg.head, model_cfg.embedding_dim, num_classes, **head_kw)
+            # model.shared_head: the 3D embeddings are classified by the 2D head's class centres
+            # (one head, beyond the method's one head per branch), which ties the two spaces together
+            self.head_3d = (None if model_cfg.shared_head else
+                            build_head(model_cfg.head, model_cfg.embedding_dim, num_classes, **head_kw))
 
     # ----------------------------------------------------------------------------------------
     # paths
@@ -145,11 +150,15 @@ class PoseFRModel(nn.Module):
         e = self.embed(j2)
         return (e, a2) if return_attention else e
 
-    def embed_3d(self, points: torch.Tensor) -> torch.Tensor:
-        """The 3D path: ``[B, N, 3]`` -> ``[B, D]`` (unnormalised); needs a 3D branch."""
+    def embed_3d(self, points: torch.Tensor, yaw_deg: torch.Tensor | None = None,
+                 pitch_deg: torch.Tensor | None = None) -> torch.Tensor:
+        """The 3D path: ``[B, N, 3]`` -> ``[B, D]`` (unnormalised); needs a 3D branch.
+
+        ``yaw_deg``/``pitch_deg`` ``[B]``: the pose the 3D map is laid out at (``model.splat: posed``);
+        None or NaN = frontal."""
         if self.encoder_3d is None or self.jam is None:
             raise RuntimeError(f"variant {self.variant!r} has no 3D branch")
-        j3, _ = self.jam(self.encoder_3d(points), "3d")
+        j3, _ = self.jam(self.encoder_3d(points, yaw_deg=yaw_deg, pitch_deg=pitch_deg), "3d")
         return self._embed_3d(j3)
 
     def parameters_3d_only(self) -> list[nn.Parameter]:
@@ -169,7 +178,8 @@ class PoseFRModel(nn.Module):
         Args:
             batch: ``image`` float [B,3,S,S] in [-1,1]; ``label`` int64 [B]; for 3D variants
                 ``points`` float [B,N,3] and ``has_points`` bool [B] (all True when absent and
-                ``points`` is given); ``yaw_deg`` is ignored.
+                ``points`` is given); optional ``yaw_deg``, ``pitch_deg`` float [B] (NaN = unknown):
+                the image's pose, at which the 3D map is laid out (``model.splat: posed``).
             return_attention: also return ``attn_2d`` [B,HW,HW], ``attn_3d`` [B3,HW,HW] and
                 ``index_3d`` [B3] (the batch rows of ``attn_3d``).
 
@@ -190,19 +200,27 @@ class PoseFRModel(nn.Module):
         out: dict[str, Any] = {"emb_2d": emb_2d}
         idx = self._rows_3d(batch, images.shape[0], images.device)
         if self.encoder_3d is not None:
-            assert self.jam is not None and self.head_3d is not None
+            assert self.jam is not None
+            head_3d = self.head_2d if self.head_3d is None else self.head_3d
             if idx.numel() >= 2:
                 points = batch["points"].index_select(0, idx).to(images.dtype)
-                j3, a3 = self.jam(self.encoder_3d(points), "3d")
+                pose = {k: batch[k].to(idx.device).index_select(0, idx) for k in ("yaw_deg", "pitch_deg")
+                        if isinstance(batch.get(k), torch.Tensor)}
+                j3, a3 = self.jam(self.encoder_3d(points, **pose), "3d")
                 emb_3d = self._embed_3d(j3)
                 lab3 = labels.index_select(0, idx)
-                loss_3d = F.cross_entropy(self.head_3d(emb_3d, lab3), lab3)
+                loss_3d = F.cross_entropy(head_3d(emb_3d, lab3), lab3)
                 out["emb_3d"] = emb_3d
                 if self.lambda_je > 0:
                     assert a2 is not None
                     lc = self.loss_cfg
-                    loss_je = joint_entropy_loss(a2.index_select(0, idx), a3, bins=lc.je_bins,
-                                                 bandwidth=lc.je_bandwidth, norm=lc.je_norm)
+                    a2_3 = a2.index_select(0, idx)
+                    if lc.je_form == "mi":  # -MI(A2; A3): no credit for sharpening either map alone
+                        loss_je = -mutual_information(a2_3, a3, bins=lc.je_bins, bandwidth=lc.je_bandwidth,
+                                                      norm=lc.je_norm).mean()
+                    else:
+                        loss_je = joint_entropy_loss(a2_3, a3, bins=lc.je_bins, bandwidth=lc.je_bandwidth,
+                                                     norm=lc.je_norm)
                 if return_attention:
                     out["attn_3d"] = a3
             else:

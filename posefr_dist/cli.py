@@ -1,6 +1,7 @@
 """The ``posefr`` command. Each subcommand is a thin call into the library.
 
-    posefr synth OUT_URI --identities N --views-per-identity V --seed S
+    posefr synth OUT_URI --identities N --views-per-identity V --seed S [--pose-mix web] [--no-points]
+    posefr pretrain --out URI [--config FILE] [key=value ...]
     posefr shards validate URI
     posefr shards inspect URI [--sheet PNG]
     posefr demo [--out DIR]
@@ -35,6 +36,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         test_fraction=args.test_fraction, rows_per_shard=args.rows_per_shard,
         **({"identity_strength": args.identity_strength} if args.identity_strength is not None else {}),
         **({"noise": args.noise} if args.noise is not None else {}),
+        pose_mix=args.pose_mix, with_points=not args.no_points,
     )
     man = synthesize(cfg, args.out_uri, use_ray=not args.no_ray)
     rows = {s: v["rows"] for s, v in man["splits"].items()}
@@ -91,6 +93,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     metric = cfg.train.checkpoint_metric
     print(f"run: {out.run_uri}")
     print(f"best checkpoint: {out.best_checkpoint} ({metric} = {out.best_metrics.get(metric)})")
+    return EXIT_OK
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from posefr_dist.config import load_config
+    from posefr_dist.train.pretrain import pretrain
+
+    config = args.config or str(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "pretrain-cpu.yaml")
+    out = pretrain(load_config(config, args.overrides), args.out)
+    if out.reused:
+        print(f"reused: {', '.join(out.reused)}")
+    if out.best_checkpoint:
+        print(f"best checkpoint: {out.best_checkpoint}")
+    print(f"pretrained 2D encoder: {out.encoder_uri}")
+    print(f"fine-tune from it with: model.pretrained_2d={out.encoder_uri}")
     return EXIT_OK
 
 
@@ -247,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rows-per-shard", type=int, default=256)
     s.add_argument("--identity-strength", type=float, default=None, help="0..2: how much identities differ")
     s.add_argument("--noise", type=float, default=None, help="per-pixel noise (0..255 scale)")
+    s.add_argument("--pose-mix", choices=("stratified", "web"), default="stratified",
+                   help="probe poses: equal counts per |yaw| bin (default) or web-photo-like, mostly below 45")
+    s.add_argument("--no-points", action="store_true", help="a 2D-only set: null points, no point sampling")
     s.add_argument("--no-ray", action="store_true", help="generate in this process (debugging)")
     s.set_defaults(func=cmd_synth)
 
@@ -265,6 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume-from", help="checkpoint URI to resume from (any number of workers)")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=3")
     t.set_defaults(func=cmd_train)
+
+    pt = sub.add_parser("pretrain", help="pretrain the 2D encoder (synth -> train 2d-only -> export), resumably; "
+                                         "the result is what model.pretrained_2d takes")
+    pt.add_argument("--config", help="YAML config (default jobs/configs/pretrain-cpu.yaml)")
+    pt.add_argument("--out", required=True, help="output folder or s3:// URI (shards/, runs/, encoder/)")
+    pt.add_argument("overrides", nargs="*", help="key=value overrides, e.g. synth.identities=500 train.epochs=4")
+    pt.set_defaults(func=cmd_pretrain)
 
     x = sub.add_parser("export", help="export the 2D path of a checkpoint for inference")
     x.add_argument("--checkpoint", required=True, help="checkpoint URI (folder or s3://)")

@@ -4,8 +4,13 @@ Every random choice derives from the seed through ``numpy.random.default_rng([se
 so the same seed gives byte-identical shards whatever the number of Ray workers.
 
 Per identity: ``enrollment_views`` near-frontal views (|yaw| <= enroll_max_yaw) and the rest
-stratified over the |yaw| bins 0-30, 30-60, 60-90, 90-max_yaw with a random sign, so each pose bin
-gets the same number of probes; pitch is uniform in ±max_pitch; the expression is drawn per view.
+(``pose_mix: stratified``) stratified over the |yaw| bins 0-30, 30-60, 60-90, 90-max_yaw with a
+random sign, so each pose bin gets the same number of probes, or (``pose_mix: web``) a web-photo
+mix: |yaw| half-normal with sigma :data:`WEB_YAW_SIGMA` degrees, clipped to max_yaw, random sign;
+pitch is uniform in ±max_pitch; the expression is drawn per view.
+
+``with_points: false`` writes a 2D-only set: every row's ``points`` is null (``num_points`` still
+records the configured N) and no point cloud is sampled.
 """
 
 from __future__ import annotations
@@ -27,8 +32,18 @@ from posefr_dist.data.schema import SPLITS
 log = logging.getLogger(__name__)
 
 GENERATOR = "posefr-synth"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 _YAW_BINS = ((0.0, 30.0), (30.0, 60.0), (60.0, 90.0), (90.0, None))
+#: sigma (degrees) of the half-normal |yaw| of ``pose_mix: web`` probes
+WEB_YAW_SIGMA = 25.0
+#: SynthConfig fields added after version 1 of the generator, with their defaults: left out of the
+#: manifest's ``generator.params`` at those defaults, so a default set's manifest is unchanged
+_NEW_PARAMS = {"pose_mix": "stratified", "with_points": True}
+
+
+def manifest_params(cfg: SynthConfig) -> dict[str, Any]:
+    """The ``generator.params`` a set generated with ``cfg`` records in its manifest."""
+    return {k: v for k, v in asdict(cfg).items() if not (k in _NEW_PARAMS and v == _NEW_PARAMS[k])}
 
 
 def split_identities(cfg: SynthConfig) -> dict[str, list[int]]:
@@ -53,6 +68,8 @@ def view_plan(cfg: SynthConfig, identity: int) -> list[dict[str, Any]]:
     for v in range(cfg.views_per_identity):
         if v < cfg.enrollment_views:
             yaw = rng.uniform(-cfg.enroll_max_yaw, cfg.enroll_max_yaw)
+        elif cfg.pose_mix == "web":
+            yaw = min(abs(rng.normal(0.0, WEB_YAW_SIGMA)), cfg.max_yaw) * rng.choice((-1.0, 1.0))
         else:
             lo, hi = _YAW_BINS[(v - cfg.enrollment_views) % len(_YAW_BINS)]
             hi = cfg.max_yaw if hi is None else min(hi, cfg.max_yaw)
@@ -101,7 +118,9 @@ def generate_rows(cfg: SynthConfig, rows: list[tuple[int, int, int]]) -> dict[st
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, format="PNG", compress_level=1)
         key = (ident, expr)
-        if key not in points:
+        if not cfg.with_points:
+            points[key] = None
+        elif key not in points:
             seed = int(np.random.default_rng([cfg.seed, 4, ident, R.EXPRESSIONS.index(expr)]).integers(2**31))
             points[key] = R.sample_face_points(surface.ident, expr, cfg.points, seed)
         cols["sample_id"].append(f"synthetic/{subject_id(ident)}/{v:04d}")
@@ -146,7 +165,7 @@ def synthesize(cfg: SynthConfig, out_uri: str, use_ray: bool = True) -> dict[str
     for r in sorted(results, key=lambda r: (SPLITS.index(r["split"]), r["index"])):
         by_split[r["split"]].append(r["entry"])
     manifest = S.make_manifest(
-        generator={"name": GENERATOR, "version": GENERATOR_VERSION, "params": cfg_dict},
+        generator={"name": GENERATOR, "version": GENERATOR_VERSION, "params": manifest_params(cfg)},
         dataset="synthetic", num_points=cfg.points, image_size=cfg.image_size,
         splits=by_split, identities={s: len(v) for s, v in splits.items()},
     )

@@ -143,27 +143,171 @@ def load_model(ckpt_uri: str) -> tuple[torch.nn.Module, dict[str, Any]]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def load_pretrained_2d(model: torch.nn.Module, uri: str) -> dict[str, list[str]]:
-    """Start a joint model's IR trunk and shared output layer from a pretrained AdaFace-layout
-    model (``model.pretrained_2d``; a path or an ``s3://`` URI). Only tensors are read."""
+def _parent(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[0] if "/" in uri.rstrip("/") else "."
+
+
+def resolve_pretrained_2d(uri: str) -> dict[str, Any]:
+    """What ``model.pretrained_2d`` names, without reading any weights.
+
+    Accepted: a folder written by ``posefr export`` / ``posefr pretrain`` (``config.json`` with
+    format ``posefr-2d`` and ``model.safetensors``), that folder's ``model.safetensors``, or an
+    AdaFace-layout checkpoint file (``.ckpt`` or ``.safetensors``); local paths or ``s3://`` URIs.
+
+    Returns:
+        ``{"format": "posefr-2d" | "adaface" | None, "weights": URI of the weights file,
+        "config": the export's config.json or None}``; format None means "decide by the keys" (a
+        ``.safetensors`` file with no ``config.json`` beside it).
+
+    Raises:
+        FileNotFoundError: nothing at ``uri``, or an export folder lacks its weights.
+        ValueError: a folder that is not a ``posefr-2d`` export.
+    """
+    from posefr_dist import storage
+    from posefr_dist.model.export import CONFIG_NAME, EXPORT_FORMAT, WEIGHTS_NAME
+
+    def read_config(cfg_uri: str) -> dict[str, Any]:
+        try:
+            conf = json.loads(storage.read_text(cfg_uri))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_uri}: invalid JSON: {e}") from None
+        if not isinstance(conf, dict) or conf.get("format") != EXPORT_FORMAT:
+            got = conf.get("format") if isinstance(conf, dict) else None
+            raise ValueError(f"{cfg_uri}: format {got!r}, expected {EXPORT_FORMAT!r} (a folder written by "
+                             "posefr export or posefr pretrain)")
+        return conf
+
+    cfg_uri = storage.join(uri, CONFIG_NAME)
+    local = storage.local_path(uri)
+    if storage.exists(cfg_uri):
+        weights = storage.join(uri, WEIGHTS_NAME)
+        if not storage.exists(weights):
+            raise FileNotFoundError(f"{uri}: exported 2D model without {WEIGHTS_NAME}")
+        return {"format": EXPORT_FORMAT, "weights": weights, "config": read_config(cfg_uri)}
+    if local is not None and os.path.isdir(local):
+        raise ValueError(f"{uri}: a folder without {CONFIG_NAME}: not a {EXPORT_FORMAT} export (name the "
+                         "AdaFace checkpoint file itself)")
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"{uri} does not exist")
+    if uri.endswith(".safetensors"):
+        sibling = storage.join(_parent(uri), CONFIG_NAME)
+        if storage.exists(sibling):
+            try:
+                return {"format": EXPORT_FORMAT, "weights": uri, "config": read_config(sibling)}
+            except ValueError:
+                pass  # some other config.json next to an AdaFace file: decide by the keys
+        return {"format": None, "weights": uri, "config": None}
+    return {"format": "adaface", "weights": uri, "config": None}
+
+
+def _load_posefr_2d(model: torch.nn.Module, tensors: dict[str, torch.Tensor], weights_uri: str,
+                    conf: dict[str, Any] | None) -> dict[str, list[str]]:
+    """Load a ``posefr-2d`` export's ``encoder.*`` into ``model.encoder_2d`` and ``head.*`` into
+    ``model.embed``; ``attention.*`` (and anything else) is skipped. Shapes must all fit."""
+    enc = getattr(model, "encoder_2d", None)
+    embed = getattr(model, "embed", None)
+    if enc is None or embed is None:
+        raise TypeError("target must be a joint model with 'encoder_2d' and 'embed' (a PoseFRModel)")
+    own = model.state_dict()
+    new: dict[str, torch.Tensor] = {}
+    skipped: list[str] = []
+    bad: list[str] = []
+    for k, v in tensors.items():
+        if k.startswith("encoder."):
+            t = "encoder_2d." + k[len("encoder."):]
+        elif k.startswith("head."):
+            t = "embed." + k[len("head."):]
+        else:
+            skipped.append(k)
+            continue
+        if t not in own:
+            bad.append(f"key {k}: the model has no {t}")
+        elif tuple(own[t].shape) != tuple(v.shape):
+            bad.append(f"key {k}: file {tuple(v.shape)} vs model {t} {tuple(own[t].shape)}")
+        else:
+            new[t] = v
+    wanted = [k for k in own if k.startswith(("encoder_2d.", "embed."))]
+    missing = [k for k in wanted if k not in new and not k.endswith("num_batches_tracked")]
+
+    def file_key(t: str) -> str:
+        return "encoder." + t[len("encoder_2d."):] if t.startswith("encoder_2d.") else "head." + t[len("embed."):]
+
+    bad += [f"key {file_key(k)} missing (model {k})" for k in missing if file_key(k) not in tensors]
+    if bad:
+        hint = ""
+        if conf is not None:
+            theirs = (conf.get("encoder_2d"), conf.get("image_size"), conf.get("embedding_dim"))
+            ours = (getattr(enc, "spec_name", None), getattr(enc, "image_size", None),
+                    getattr(embed, "embedding_dim", None))
+            if theirs != ours:
+                hint = (f" (the export is {theirs[0]} at {theirs[1]}x{theirs[1]} with {theirs[2]}-d embeddings, the "
+                        f"model {ours[0]} at {ours[1]}x{ours[1]} with {ours[2]}-d)")
+        more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise ValueError(f"pretrained 2D model {weights_uri} does not fit the model{hint}: "
+                         + "; ".join(bad[:5]) + more)
+    model.load_state_dict(new, strict=False)
+    return {"loaded": sorted(new), "skipped": sorted(skipped), "missing": []}
+
+
+def load_pretrained_2d(model: torch.nn.Module, uri: str) -> dict[str, Any]:
+    """Start a joint model's 2D trunk and shared output layer from a pretrained 2D model
+    (``model.pretrained_2d``; a path or an ``s3://`` URI). Only tensors are read.
+
+    Two layouts (see :func:`resolve_pretrained_2d`):
+
+    * this project's own 2D export (``posefr export`` / ``posefr pretrain``; a folder with
+      ``config.json`` of format ``posefr-2d``, or its ``model.safetensors``): ``encoder.*`` goes to
+      ``encoder_2d``, ``head.*`` to the shared ``embed``; ``attention.*`` is skipped (the joint
+      attention starts fresh). Every trunk and head tensor must be there with the model's shape.
+    * AdaFace's layout (:func:`posefr_dist.model.load_adaface_backbone`).
+
+    Returns:
+        ``{"loaded": [model state keys], "skipped": [file keys], "missing": [...], "format": ...,
+        "params": [names of the model's parameters that were loaded]}``; ``params`` is what the
+        trainer gives its own learning rate (``train.pretrained_lr_mult``) and freezes
+        (``train.freeze_pretrained_epochs``).
+
+    Raises:
+        FileNotFoundError: nothing at ``uri``.
+        ValueError: a tensor's shape differs from the model's (the message names the file and the
+            key) or the folder is not an export.
+    """
     import shutil
     import tempfile
 
     from posefr_dist import storage
     from posefr_dist.model import load_adaface_backbone
+    from posefr_dist.model.iresnet import read_checkpoint_tensors
 
-    local = storage.local_path(uri)
+    info = resolve_pretrained_2d(uri)
+    weights = info["weights"]
+    local = storage.local_path(weights)
     work = None
     try:
         if local is None:
             work = tempfile.mkdtemp(prefix="posefr-pretrained-")
-            local = os.path.join(work, os.path.basename(uri.rstrip("/")) or "model.ckpt")
+            local = os.path.join(work, os.path.basename(weights.rstrip("/")) or "model.ckpt")
             with open(local, "wb") as f:
-                f.write(storage.read_bytes(uri))
-        return load_adaface_backbone(model, local, load_output_layer=True, strict=True)
+                f.write(storage.read_bytes(weights))
+        fmt = info["format"]
+        if fmt is None:  # a .safetensors file on its own: our export's keys or AdaFace's
+            from safetensors import safe_open
+
+            with safe_open(local, framework="pt") as f:
+                ours = (f.metadata() or {}).get("format") == "posefr-2d" or any(
+                    k.startswith("encoder.") for k in f.keys())
+            fmt = "posefr-2d" if ours else "adaface"
+        if fmt == "posefr-2d":
+            out: dict[str, Any] = _load_posefr_2d(model, read_checkpoint_tensors(local), weights, info["config"])
+        else:
+            out = load_adaface_backbone(model, local, load_output_layer=True, strict=True)
     finally:
         if work:
             shutil.rmtree(work, ignore_errors=True)
+    names = {n for n, _ in model.named_parameters()}
+    out["format"] = fmt
+    out["params"] = sorted(k for k in out["loaded"] if k in names)
+    return out
 
 
 def export_checkpoint(ckpt_uri: str, out_uri: str) -> dict[str, Any]:

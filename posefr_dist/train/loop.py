@@ -134,14 +134,93 @@ def set_report_log_level(level: str) -> None:
     logging.getLogger(train_context.__file__).setLevel(level)
 
 
+class PretrainedFreeze:
+    """``train.freeze_pretrained_epochs``: the epoch the loop is in, which the learning-rate lambdas
+    of the pretrained groups read (factor 0 while frozen), and the pretrained batch norms that stay
+    in eval mode meanwhile.
+
+    Freezing by learning rate, not ``requires_grad``, is what DeepSpeed ZeRO 0-2 allows after
+    ``deepspeed.initialize`` (its flat partitions are built once); SGD's and AdamW's weight decay
+    are scaled by the learning rate, so a zero rate leaves the weights exactly as they are.
+    """
+
+    def __init__(self, epochs: int, batchnorms: Any = ()) -> None:
+        self.epochs = int(epochs)
+        self.epoch = 0
+        self.batchnorms = list(batchnorms)
+
+    @property
+    def active(self) -> bool:
+        return self.epoch < self.epochs
+
+    def set_epoch(self, epoch: int, scheduler: Any = None) -> None:
+        """Enter ``epoch``: recompute every group's learning rate for it, and apply :meth:`apply_eval`."""
+        self.epoch = int(epoch)
+        if scheduler is not None:
+            refresh_lr(scheduler)
+        self.apply_eval()
+
+    def apply_eval(self) -> None:
+        """While frozen, the pretrained batch norms go (back) to eval mode; call after ``train()``."""
+        if self.active:
+            for m in self.batchnorms:
+                m.eval()
+
+
+def refresh_lr(scheduler: Any) -> None:
+    """Set each group's learning rate from a ``LambdaLR``'s lambdas at its current step (the lambdas
+    may depend on state that changed since the scheduler's last step, e.g. the epoch)."""
+    groups = scheduler.optimizer.param_groups
+    for g, f, base in zip(groups, scheduler.lr_lambdas, scheduler.base_lrs):
+        g["lr"] = base * f(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in groups]
+
+
+def build_optimizer(model: torch.nn.Module, tc: Any, total_steps: int, pretrained: dict[str, Any] | None = None
+                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, PretrainedFreeze]:
+    """The optimizer, its schedule and the freeze control of a run.
+
+    Every group follows the warm-up + cosine schedule (:func:`lr_lambda`) times its base rate.
+    With ``pretrained`` (what ``load_pretrained_2d`` returned) and ``train.pretrained_lr_mult`` != 1
+    or ``train.freeze_pretrained_epochs`` > 0, the loaded parameters get their own groups at
+    ``lr * pretrained_lr_mult`` (see :func:`make_optimizer`), whose factor is 0 for epochs below
+    ``freeze_pretrained_epochs`` (call ``freeze.set_epoch(epoch, scheduler)`` at every epoch start).
+    Otherwise the groups are the plain decay/no-decay pair.
+    """
+    from posefr_dist.train.deepspeed import lr_lambda
+    from posefr_dist.train.reference import make_optimizer, pretrained_batchnorms
+
+    split = bool(pretrained) and (tc.pretrained_lr_mult != 1.0 or tc.freeze_pretrained_epochs > 0)
+    params = list(pretrained["params"]) if split and pretrained else []
+    optimizer = make_optimizer(model, tc.optimizer, tc.lr, tc.weight_decay, tc.momentum, pretrained=params,
+                               pretrained_lr_mult=tc.pretrained_lr_mult)
+    freeze = PretrainedFreeze(tc.freeze_pretrained_epochs if split else 0,
+                              pretrained_batchnorms(model, pretrained["loaded"]) if split and pretrained else ())
+    base = lr_lambda(tc, total_steps)
+
+    def frozen_or_base(step: int) -> float:
+        return 0.0 if freeze.active else base(step)
+
+    lambdas = [frozen_or_base if g.get("pretrained") else base for g in optimizer.param_groups]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+    return optimizer, scheduler, freeze
+
+
+def je_weight(base: float, epoch: int, warmup_epochs: int) -> float:
+    """``loss.je_warmup_epochs``: lambda_JE of ``epoch``, rising linearly to ``base``."""
+    if warmup_epochs <= 0:
+        return base
+    return base * min(1.0, (epoch + 1) / (warmup_epochs + 1))
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     from posefr_dist.metrics import TrainingMetrics, start_training_exporter
     from posefr_dist.model import build_model
     from posefr_dist.train import checkpoint as ckpt
-    from posefr_dist.train.deepspeed import deepspeed_config, import_deepspeed, lr_lambda, resolve_precision
-    from posefr_dist.train.reference import LOSS_TERMS, make_optimizer
+    from posefr_dist.train.deepspeed import deepspeed_config, import_deepspeed, resolve_precision
+    from posefr_dist.train.reference import LOSS_TERMS
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = config_from_dict(config["cfg"])
@@ -164,11 +243,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     model = build_model(cfg.model, cfg.loss, num_classes=meta_in["num_classes"], image_size=meta_in["image_size"],
                         num_points=meta_in["num_points"])
+    loaded = None
     if cfg.model.pretrained_2d:
         loaded = ckpt.load_pretrained_2d(model, cfg.model.pretrained_2d)
         if rank == 0:
-            log.info("2D trunk from %s: %d tensors loaded, %d file keys skipped", cfg.model.pretrained_2d,
-                     len(loaded["loaded"]), len(loaded["skipped"]))
+            log.info("2D trunk from %s (%s layout): %d tensors loaded, %d file keys skipped", cfg.model.pretrained_2d,
+                     loaded["format"], len(loaded["loaded"]), len(loaded["skipped"]))
+    base_lambda_je = float(model.lambda_je)
     rows_per_worker = meta_in["train_rows"] // world
     micro_per_epoch = rows_per_worker // cfg.data.batch_size
     steps_per_epoch = micro_per_epoch // tc.grad_accum
@@ -178,8 +259,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         raise ValueError(f"train split gives {rows_per_worker} rows per worker: fewer than one step of "
                          f"data.batch_size={cfg.data.batch_size} x train.grad_accum={tc.grad_accum}")
     total_steps = steps_per_epoch * tc.epochs
-    optimizer = make_optimizer(model, tc.optimizer, tc.lr, tc.weight_decay, tc.momentum)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc, total_steps))
+    optimizer, scheduler, freeze = build_optimizer(model, tc, total_steps, loaded)
+    if rank == 0 and loaded is not None and len(optimizer.param_groups) > 2:
+        log.info("pretrained parameters at lr x %g, frozen for %d epoch(s)", tc.pretrained_lr_mult,
+                 tc.freeze_pretrained_epochs)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(tc, cfg.data.batch_size, world), dist_init_required=False,
@@ -248,6 +331,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     for epoch in range(start_epoch, tc.epochs):
         engine.train()
+        # both are functions of the epoch, so a resumed run continues them exactly
+        freeze.set_epoch(epoch, scheduler)
+        if cfg.loss.je_warmup_epochs > 0:
+            engine.module.lambda_je = je_weight(base_lambda_je, epoch, cfg.loss.je_warmup_epochs)
         metrics.epoch.set(epoch)
         sums = {k: 0.0 for k in LOSS_TERMS}
         seen, wait, t_epoch = 0, 0.0, time.perf_counter()
@@ -310,6 +397,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if tc.val_every_steps and global_step % tc.val_every_steps == 0 and step_in_epoch < steps_per_epoch:
                 checkpoint_and_report(epoch, step_in_epoch, False, _epoch_stats(sums, seen, world, wait, t_epoch,
                                                                                  scheduler, tc))
+                freeze.apply_eval()  # validation put the whole model back in training mode
         stats = _epoch_stats(sums, seen, world, wait, t_epoch, scheduler, tc)
         metrics.data_wait.set(stats["data_wait_fraction"])
         checkpoint_and_report(epoch, step_in_epoch, True, stats)
@@ -330,4 +418,4 @@ def _epoch_stats(sums, seen, world, wait, t_epoch, scheduler, tc) -> dict[str, f
 
 
 __all__ = ["train_loop_per_worker", "config_from_dict", "flatten_report", "embed_split", "validate",
-           "sync_buffers"]
+           "sync_buffers", "build_optimizer", "PretrainedFreeze", "refresh_lr", "je_weight"]

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 __all__ = ["LOSS_TERMS", "forward_losses", "train_step", "train_reference", "make_optimizer",
-           "move_batch"]
+           "pretrained_batchnorms", "move_batch"]
 
 #: the scalar terms every step reports
 LOSS_TERMS = ("loss", "loss_2d", "loss_3d", "loss_je")
@@ -58,13 +58,16 @@ def forward_losses(model: nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Te
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Mapping[str, Any], *,
-               grad_clip: float | None = None) -> dict[str, float]:
+               grad_clip: float | None = None, eval_modules: Iterable[nn.Module] = ()) -> dict[str, float]:
     """Forward, backward, (clip), step on one batch; returns the step's metrics (floats).
 
-    The model is put in training mode. With ``grad_clip`` the global gradient norm is clipped and
-    reported as ``grad_norm`` (before clipping).
+    The model is put in training mode, except ``eval_modules`` (e.g. the batch norms of a frozen
+    pretrained trunk). With ``grad_clip`` the global gradient norm is clipped and reported as
+    ``grad_norm`` (before clipping).
     """
     model.train()
+    for m in eval_modules:
+        m.eval()
     optimizer.zero_grad(set_to_none=True)
     loss, metrics = forward_losses(model, batch)
     loss.backward()
@@ -75,15 +78,39 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Mappin
 
 
 def make_optimizer(model: nn.Module, name: str = "sgd", lr: float = 0.1, weight_decay: float = 5e-4,
-                   momentum: float = 0.9) -> torch.optim.Optimizer:
+                   momentum: float = 0.9, *, pretrained: Iterable[str] = (),
+                   pretrained_lr_mult: float = 1.0) -> torch.optim.Optimizer:
     """SGD with momentum (AdaFace's choice) or AdamW; no weight decay on 1-d parameters.
 
     Biases, batch-norm and PReLU weights and the attention's gamma are not decayed; conv/linear
     weights and class centres are.
+
+    Args:
+        pretrained: names (``model.named_parameters()``) of the parameters loaded from a pretrained
+            model (``load_pretrained_2d(...)["params"]``). When given, the groups are: new decay,
+            new no-decay (at ``lr``), pretrained decay, pretrained no-decay (at
+            ``lr * pretrained_lr_mult``, marked ``"pretrained": True``); empty groups are left out.
+            Without, exactly two groups (decay, no-decay).
+        pretrained_lr_mult: the learning-rate factor of the pretrained groups.
     """
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    pre = set(pretrained)
+    if not pre:
+        decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    else:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        unknown = pre - {n for n, _ in named}
+        if unknown:
+            raise ValueError(f"pretrained: {len(unknown)} name(s) are not trainable parameters of the model, "
+                             f"e.g. {sorted(unknown)[:3]}")
+        groups = []
+        for is_pre in (False, True):
+            for decayed in (True, False):
+                params = [p for n, p in named if (n in pre) == is_pre and (p.dim() >= 2) == decayed]
+                if params:
+                    groups.append({"params": params, "weight_decay": weight_decay if decayed else 0.0,
+                                   "lr": lr * pretrained_lr_mult if is_pre else lr, "pretrained": is_pre})
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)
     if name == "adamw":
@@ -91,11 +118,21 @@ def make_optimizer(model: nn.Module, name: str = "sgd", lr: float = 0.1, weight_
     raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {name!r}")
 
 
+def pretrained_batchnorms(model: nn.Module, loaded: Iterable[str]) -> list[nn.Module]:
+    """The batch-norm modules of ``model`` whose statistics were loaded from a pretrained model
+    (``loaded``: state-dict keys, ``load_pretrained_2d(...)["loaded"]``): the ones a freeze keeps
+    in eval mode, so their running statistics stay the pretrained ones."""
+    keys = set(loaded)
+    return [m for n, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and f"{n}.running_mean" in keys]
+
+
 def train_reference(model: nn.Module, batches: Callable[[int], Iterable[Mapping[str, Any]]], epochs: int,
                     lr: float, *, optimizer: str | torch.optim.Optimizer = "sgd", weight_decay: float = 5e-4,
                     momentum: float = 0.9, grad_clip: float | None = None, device: str | torch.device = "cpu",
-                    warmup_steps: int = 0, log: Callable[[dict[str, float]], None] | None = None
-                    ) -> list[dict[str, float]]:
+                    warmup_steps: int = 0, log: Callable[[dict[str, float]], None] | None = None,
+                    pretrained: Mapping[str, Any] | None = None, pretrained_lr_mult: float = 1.0,
+                    freeze_pretrained_epochs: int = 0) -> list[dict[str, float]]:
     """Train for ``epochs`` epochs; return one dict of per-epoch mean metrics per epoch.
 
     Args:
@@ -111,6 +148,9 @@ def train_reference(model: nn.Module, batches: Callable[[int], Iterable[Mapping[
         device: where to train.
         warmup_steps: linear learning-rate warm-up, in steps.
         log: called with each epoch's summary as soon as it is complete.
+        pretrained: what ``load_pretrained_2d`` returned for this model: its ``params`` train at
+            ``lr * pretrained_lr_mult`` and, for the first ``freeze_pretrained_epochs`` epochs, not at
+            all (learning rate 0, and the batch norms it loaded in eval mode).
 
     Returns:
         ``[{"epoch", "steps", "samples", "seconds", "lr", "loss", "loss_2d", "loss_3d", "loss_je",
@@ -119,8 +159,12 @@ def train_reference(model: nn.Module, batches: Callable[[int], Iterable[Mapping[
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     model.to(device)
-    opt = (make_optimizer(model, optimizer, lr, weight_decay, momentum) if isinstance(optimizer, str)
-           else optimizer)
+    pre_params = list((pretrained or {}).get("params", ()))
+    if freeze_pretrained_epochs and not pre_params:
+        raise ValueError("freeze_pretrained_epochs needs the pretrained parameters (pretrained=...)")
+    opt = (make_optimizer(model, optimizer, lr, weight_decay, momentum, pretrained=pre_params,
+                          pretrained_lr_mult=pretrained_lr_mult) if isinstance(optimizer, str) else optimizer)
+    frozen_bn = pretrained_batchnorms(model, (pretrained or {}).get("loaded", ()))
     history: list[dict[str, float]] = []
     step = 0
     for epoch in range(epochs):
@@ -129,11 +173,14 @@ def train_reference(model: nn.Module, batches: Callable[[int], Iterable[Mapping[
         sums: dict[str, float] = {}
         samples, steps = 0.0, 0
         t0 = time.perf_counter()
+        frozen = epoch < freeze_pretrained_epochs
         for batch in batches(epoch):
             warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
             for g in opt.param_groups:
-                g["lr"] = epoch_lr * warm
-            m = train_step(model, opt, move_batch(batch, device), grad_clip=grad_clip)
+                mult = (0.0 if frozen else pretrained_lr_mult) if g.get("pretrained") else 1.0
+                g["lr"] = epoch_lr * warm * mult
+            m = train_step(model, opt, move_batch(batch, device), grad_clip=grad_clip,
+                           eval_modules=frozen_bn if frozen else ())
             n = m.pop("batch_size")
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v * n

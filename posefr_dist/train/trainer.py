@@ -93,13 +93,39 @@ def check_config(cfg: Config) -> dict[str, Any]:
             f"{per_worker} train rows each of the {tc.num_workers} workers gets")
     if cfg.model.variant != "2d-only" and meta["num_points"] <= 0:
         raise ConfigError(f"model.variant: {cfg.model.variant} needs 3D points but the shards have none")
-    if cfg.model.pretrained_2d and not storage.exists(cfg.model.pretrained_2d):
-        raise ConfigError(f"model.pretrained_2d: {cfg.model.pretrained_2d} does not exist")
+    check_pretrained_2d(cfg, meta)
     if tc.resume_from and not storage.exists(storage.join(tc.resume_from, "meta.json")):
         raise ConfigError(f"train.resume_from: {tc.resume_from} is not a checkpoint (no meta.json)")
     if tc.use_gpu is False and tc.precision == "bf16":
         log.warning("train.precision=bf16 on the CPU: supported by DeepSpeed but slow")
     return meta
+
+
+def check_pretrained_2d(cfg: Config, meta: dict[str, Any]) -> None:
+    """``model.pretrained_2d`` exists and is an AdaFace-layout file or a ``posefr-2d`` export; an
+    export must match the run's 2D encoder, image size and embedding size (read from its
+    ``config.json``; no weights are read here). The ``train.*pretrained*`` settings need it."""
+    tc, uri = cfg.train, cfg.model.pretrained_2d
+    if not uri:
+        if tc.pretrained_lr_mult != 1.0 or tc.freeze_pretrained_epochs:
+            key = "train.pretrained_lr_mult" if tc.pretrained_lr_mult != 1.0 else "train.freeze_pretrained_epochs"
+            raise ConfigError(f"{key}: applies to the parameters loaded from model.pretrained_2d, which is not set")
+        return
+    from posefr_dist.train.checkpoint import resolve_pretrained_2d
+
+    try:
+        info = resolve_pretrained_2d(uri)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"model.pretrained_2d: {e}") from None
+    conf = info["config"]
+    if conf is None:
+        return
+    for field, want, key in (("encoder_2d", cfg.model.encoder_2d, "model.encoder_2d"),
+                             ("image_size", meta["image_size"], "the data's image size"),
+                             ("embedding_dim", cfg.model.embedding_dim, "model.embedding_dim")):
+        if conf.get(field) != want:
+            raise ConfigError(f"model.pretrained_2d: {uri} was exported with {field} {conf.get(field)!r}, "
+                              f"this run has {want!r} ({key})")
 
 
 def run_uri(cfg: Config) -> str:

@@ -74,7 +74,9 @@ def test_jam_je_diagnostics_match_direct_computation(root, tmp_path):
     keep = data["has_points"]
     with torch.no_grad():
         _, a2 = model.embed_2d(torch.from_numpy(data["image"]), return_attention=True)
-        _, a3 = model.jam(model.encoder_3d(torch.from_numpy(data["points"])), "3d")
+        # the 3D map at each image's pose (model.splat: posed)
+        _, a3 = model.jam(model.encoder_3d(torch.from_numpy(data["points"]), yaw_deg=torch.from_numpy(yaw),
+                                           pitch_deg=torch.from_numpy(data["pitch"])), "3d")
         lc = model.loss_cfg
         p = joint_histogram(a2, a3, lc.je_bins, lc.je_bandwidth, lc.je_norm).double().numpy()[keep]
     p2, p3 = p.sum(2), p.sum(1)
@@ -145,3 +147,24 @@ def test_bad_image_names_file_row_and_field(root, tmp_path):
 def test_yaw_bins_follow_the_report_names():
     bins = _bin_of(np.array([0.0, -29.9, 30.0, 75.0, -90.0, 120.0, np.nan], np.float32), [0, 30, 60, 90])
     assert bins.tolist() == ["0-30", "0-30", "30-60", "60-90", "90+", "90+", "unknown-pose"]
+
+
+def test_checkpoint_from_before_the_bounded_attention_loads_as_it_was_trained(tmp_path):
+    """A meta.json without attn_spectral_norm / splat (older checkpoints) rebuilds the old model."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    mc = ModelConfig(variant="jam", encoder_2d="ir_tiny", encoder_3d="pointnet2_tiny", embedding_dim=32,
+                     attn_spectral_norm=False, splat="frontal")
+    torch.manual_seed(0)
+    model = build_model(mc, LossConfig(), num_classes=6, image_size=64, num_points=128)
+    folder = tmp_path / "old"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS))
+    old = {k: v for k, v in dataclasses.asdict(mc).items() if k not in ("attn_spectral_norm", "splat")}
+    meta = {"config": {"model": old, "loss": dataclasses.asdict(LossConfig())}, "num_classes": 6,
+            "image_size": 64, "num_points": 128, "epoch": 0}
+    (folder / META).write_text(json.dumps(meta))
+    loaded, _ = load_model(str(folder))
+    assert loaded.model_cfg.splat == "frontal" and not loaded.model_cfg.attn_spectral_norm

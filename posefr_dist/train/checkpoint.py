@@ -118,6 +118,10 @@ def _fetch(ckpt_uri: str, work: str) -> str:
     return src
 
 
+#: ModelConfig keys added after the first checkpoints, with the behaviour those checkpoints had
+LEGACY_MODEL_KEYS = {"attn_spectral_norm": False, "splat": "frontal"}
+
+
 def load_model(ckpt_uri: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The whole joint model of a checkpoint (both branches; eval mode) and its ``meta.json``.
 
@@ -134,7 +138,9 @@ def load_model(ckpt_uri: str) -> tuple[torch.nn.Module, dict[str, Any]]:
         src = _fetch(ckpt_uri, work)
         meta = read_meta(src)
         cfg = meta["config"]
-        model = build_model(ModelConfig(**cfg["model"]), LossConfig(**cfg["loss"]), num_classes=meta["num_classes"],
+        # checkpoints written before these keys existed used the old behaviour, not today's default
+        model_cfg = {**LEGACY_MODEL_KEYS, **cfg["model"]}
+        model = build_model(ModelConfig(**model_cfg), LossConfig(**cfg["loss"]), num_classes=meta["num_classes"],
                             image_size=meta["image_size"], num_points=meta["num_points"])
         model.load_state_dict(load_weights(src), strict=True)
         model.eval()

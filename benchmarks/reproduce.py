@@ -2,7 +2,15 @@
 
     .venv/bin/python benchmarks/reproduce.py --preset cpu [--seeds 0,1,2] [--out out/reproduce]
     # paper preset (GPUs, IR-18 at 112x112, 1024 points): submit to a cluster instead, e.g.
-    ray job submit --working-dir . -- python benchmarks/reproduce.py --preset paper --data s3://.../shards
+    ray job submit --working-dir . -- python benchmarks/reproduce.py --preset paper \
+        --data s3://.../shards --pretrained s3://.../adaface_ir18.ckpt
+
+The paper's protocol: every variant fine-tunes from the same pretrained 2D encoder. The cpu
+preset makes its own once (``posefr pretrain`` with jobs/configs/pretrain-cpu.yaml: a 2D-only
+synthetic set of other identities, web-like poses) into ``OUT/pretrain``; ``--pretrained URI``
+uses a given one; ``--from-scratch`` runs the old protocol. Extra variants (``--variants
+2d-only,jam,jam-je,jam-je-mi,jam-je-shared,jam-je-frontal``) are ``jam-je`` with one option each
+(posefr_dist.experiment.EXTRA_VARIANTS).
 
 Each (variant, seed) is a real run of the system: Ray Train workers under DeepSpeed, export of
 the best checkpoint (chosen on the val split), exact pose-binned verification on the test split.
@@ -30,12 +38,16 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 from posefr_dist import storage  # noqa: E402
 from posefr_dist.config import load_config  # noqa: E402
 from posefr_dist.eval.diagnose import diagnose, diagnostics_table  # noqa: E402
-from posefr_dist.experiment import VARIANTS, run_variant, tar, variant_config, write_json  # noqa: E402
+from posefr_dist.experiment import (VARIANTS, pretrained_encoder, run_variant, tar, variant_config,  # noqa: E402
+                                   write_json)
 
 PRESETS = {
     "cpu": REPO / "jobs" / "configs" / "reproduce-cpu.yaml",
     "paper": REPO / "jobs" / "configs" / "paper-gpu.yaml",
 }
+#: the pretraining each preset runs once before the variants (the paper preset starts from a
+#: pretrained AdaFace IR-18 given with --pretrained)
+PRETRAIN = {"cpu": REPO / "jobs" / "configs" / "pretrain-cpu.yaml"}
 FARS = (0.01, 0.001)
 
 
@@ -105,6 +117,11 @@ def main() -> None:
     ap.add_argument("--data", help="existing shard root (default: generate the preset's synthetic set)")
     ap.add_argument("--diagnose-rows", type=int, default=4000,
                     help="test rows the diagnostics read into memory (in shard order, so mostly whole identities)")
+    ap.add_argument("--pretrain-config", help="pretraining preset (default: the preset's own, e.g. "
+                    "jobs/configs/pretrain-cpu.yaml); it runs once, into OUT/pretrain")
+    ap.add_argument("--pretrained", help="start every variant from this 2D encoder instead of pretraining "
+                    "(a posefr export folder or an AdaFace checkpoint; path or s3://)")
+    ap.add_argument("--from-scratch", action="store_true", help="no pretrained encoder (the old protocol)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     from posefr_dist.data.synth import synthesize
@@ -120,6 +137,13 @@ def main() -> None:
         if not storage.exists(storage.join(data, "manifest.json")):
             man = synthesize(base.synth, data)
             print(f"synthetic set: {sum(v['rows'] for v in man['splits'].values())} samples in {man['_elapsed_s']:.0f}s")
+    pre_cfg = args.pretrain_config or (str(PRETRAIN[args.preset]) if args.preset in PRETRAIN else None)
+    if not (args.pretrained or args.from_scratch or pre_cfg):
+        ap.error(f"preset {args.preset!r} has no pretraining of its own: give --pretrained URI "
+                 "(e.g. an AdaFace IR-18 checkpoint) or --from-scratch")
+    start, pretrain_record = pretrained_encoder(pre_cfg, args.pretrained, out, args.from_scratch)
+    print(f"2D start: {pretrain_record}", flush=True)
+    overrides = [*start, *args.overrides]
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = args.variants.split(",")
     results: dict[str, dict[int, dict]] = {v: {} for v in variants}
@@ -139,7 +163,7 @@ def main() -> None:
         for v in variants:
             if seed in results[v]:
                 continue
-            cfg = variant_config(preset, v, seed, data, storage.join(out, "runs"), args.overrides)
+            cfg = variant_config(preset, v, seed, data, storage.join(out, "runs"), overrides)
             run = run_variant(cfg, out, fars=FARS)
             results[v][seed] = {"bins": run.report["bins"]}
             diags[v][seed] = diagnose(run.checkpoint, data, "test", fars=FARS, yaw_edges=base.eval.yaw_edges,
@@ -148,7 +172,8 @@ def main() -> None:
             p90 = tar(run.report, "90+", 0.01)
             print(f"{v} seed {seed}: trained in {run.train_seconds:.0f}s; TAR@1%FAR 90+ = "
                   f"{'n/a' if p90 is None else f'{100 * p90:.1f}%'}", flush=True)
-            write_json(done_path, {"preset": args.preset, "config": preset, "overrides": args.overrides,
+            write_json(done_path, {"preset": args.preset, "config": preset, "overrides": overrides,
+                                   "pretrain": pretrain_record,
                                    "seeds": seeds, "reports": results, "diagnostics": diags,
                                    "train_seconds": timings})
     bins = [b for b in next(iter(next(iter(results.values())).values()))["bins"] if b != "unknown-pose"]

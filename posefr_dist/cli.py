@@ -180,22 +180,41 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Synthetic data -> validate -> train 2d-only and jam-je (2 workers each) -> evaluate -> table."""
+    """Pretrain the 2D encoder -> synthetic paired data -> validate -> fine-tune 2d-only and jam-je (2 workers
+    each) from it -> evaluate -> table."""
     from pathlib import Path
 
     from posefr_dist import storage
     from posefr_dist.config import load_config
     from posefr_dist.data.shards import validate
     from posefr_dist.data.synth import synthesize
-    from posefr_dist.experiment import run_variant, side_by_side, tar, variant_config, write_json
+    from posefr_dist.experiment import pretrained_encoder, run_variant, side_by_side, tar, variant_config, write_json
     from posefr_dist.raysupport import ensure_ray
 
     t_start = time.perf_counter()
     out = args.out
-    config = args.config or str(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo-cpu.yaml")
+    configs = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+    config = args.config or str(configs / "demo-cpu.yaml")
     base = load_config(config, args.overrides)
     shards_uri = storage.join(out, "shards")
     ensure_ray()
+    pre_cfg = args.pretrain_config or str(configs / "pretrain-demo-cpu.yaml")
+    if args.from_scratch:
+        print("[0/4] pretrain: skipped (--from-scratch: every variant starts from random weights)")
+    elif args.pretrained:
+        print(f"[0/4] pretrain: skipped, every variant starts from {args.pretrained}")
+    else:
+        p = load_config(pre_cfg, args.pretrain_set).synth
+        print(f"[0/4] pretrain the 2D encoder once ({pre_cfg}): 2d-only on {p.identities} other identities x "
+              f"{p.views_per_identity} views ({p.pose_mix} poses, no 3D) -> {storage.join(out, 'pretrain')}")
+    t0 = time.perf_counter()
+    start, record = pretrained_encoder(pre_cfg, args.pretrained, out, args.from_scratch, args.pretrain_set)
+    if record.get("encoder"):
+        tars = ", ".join(f"{k.rsplit('/', 1)[-1]} {100 * v:.1f}%" for k, v in sorted(record.get("metrics", {}).items())
+                         if isinstance(v, (int, float)))
+        print(f"      encoder {record['encoder']} in {time.perf_counter() - t0:.0f}s"
+              + (f"; its val TAR@1%FAR: {tars}" if tars else "") + (" (reused)" if record.get("reused") else ""))
+    overrides = [*start, *args.overrides]
     s = base.synth
     print(f"[1/4] synth: {s.identities} identities x {s.views_per_identity} views, {s.image_size}x{s.image_size} "
           f"images, {s.points} points, seed {s.seed} -> {shards_uri}")
@@ -214,7 +233,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     reports = {}
     variants = args.variants.split(",")
     for k, variant in enumerate(variants):
-        cfg = variant_config(config, variant, base.train.seed, shards_uri, storage.join(out, "runs"), args.overrides)
+        cfg = variant_config(config, variant, base.train.seed, shards_uri, storage.join(out, "runs"), overrides)
         print(f"[3/4] train {variant} ({k + 1}/{len(variants)}): {cfg.model.encoder_2d}"
               + ("" if variant == "2d-only" else f" + {cfg.model.encoder_3d}")
               + f", {cfg.train.epochs} epochs, {cfg.train.num_workers} Ray Train workers under DeepSpeed; "
@@ -342,6 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="out/demo")
     d.add_argument("--config", help="preset (default jobs/configs/demo-cpu.yaml)")
     d.add_argument("--variants", default="2d-only,jam-je", help="comma-separated variants to train and compare")
+    d.add_argument("--pretrain-config", help="pretraining preset (default jobs/configs/pretrain-demo-cpu.yaml)")
+    d.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override of the pretraining preset (repeatable), e.g. synth.identities=200")
+    d.add_argument("--pretrained", help="start every variant from this 2D encoder instead of pretraining one")
+    d.add_argument("--from-scratch", action="store_true", help="no pretrained 2D encoder (the old protocol)")
     d.add_argument("overrides", nargs="*", help="key=value overrides, e.g. synth.identities=100 train.epochs=2")
     d.set_defaults(func=cmd_demo)
     return p

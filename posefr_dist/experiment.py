@@ -21,6 +21,13 @@ log = logging.getLogger("posefr.experiment")
 #: the variants of the ablation, in the order tables show them
 VARIANTS = ("2d-only", "jam", "jam-je")
 
+#: options beyond the method's letter, run as named variants of ``jam-je`` (each one config change)
+EXTRA_VARIANTS: dict[str, tuple[str, ...]] = {
+    "jam-je-mi": ("loss.je_form=mi",),  # L_JE = -MI(A_2D; A_3D)
+    "jam-je-shared": ("model.shared_head=true",),  # one identity head for both branches
+    "jam-je-frontal": ("model.splat=frontal",),  # the 3D map laid out frontally whatever the pose
+}
+
 
 @dataclass
 class VariantRun:
@@ -35,12 +42,48 @@ class VariantRun:
 
 def variant_config(base: str, variant: str, seed: int, shards_uri: str, runs_uri: str,
                    overrides: Sequence[str] = ()) -> Config:
-    """The config of one variant from the YAML file ``base``: ``jam`` forces lambda_je = 0."""
-    extra = [f"model.variant={variant}", f"train.seed={seed}", f"data.uri={shards_uri}",
+    """The config of one variant from the YAML file ``base``: ``jam`` forces lambda_je = 0; the names
+    of :data:`EXTRA_VARIANTS` are ``jam-je`` with their one change."""
+    if variant not in VARIANTS and variant not in EXTRA_VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; known: {', '.join((*VARIANTS, *EXTRA_VARIANTS))}")
+    model_variant = "jam-je" if variant in EXTRA_VARIANTS else variant
+    extra = [f"model.variant={model_variant}", f"train.seed={seed}", f"data.uri={shards_uri}",
              f"train.storage_path={runs_uri}", f"train.run_name={variant}-seed{seed}"]
     if variant == "jam":
         extra.append("loss.lambda_je=0")
+    extra += EXTRA_VARIANTS.get(variant, ())
     return load_config(base, [*extra, *overrides])
+
+
+#: overrides that turn a fine-tuning preset into a from-scratch run (no pretrained 2D encoder)
+FROM_SCRATCH = ("model.pretrained_2d=", "train.pretrained_lr_mult=1", "train.freeze_pretrained_epochs=0")
+
+
+def pretrained_encoder(pretrain_config: str | None, pretrained: str | None, out_uri: str,
+                       from_scratch: bool = False, pretrain_overrides: Sequence[str] = ()
+                       ) -> tuple[list[str], dict[str, Any]]:
+    """The overrides that start every variant from the same 2D encoder, and a record of it.
+
+    ``pretrained`` (an export or AdaFace checkpoint URI) is used as given; otherwise ``posefr
+    pretrain`` runs with ``pretrain_config`` into ``<out_uri>/pretrain`` (resumable: a finished
+    pretraining is reused). ``from_scratch`` gives the old protocol: no pretrained encoder.
+    """
+    import time
+
+    if from_scratch:
+        return list(FROM_SCRATCH), {"protocol": "from scratch"}
+    if pretrained:
+        return [f"model.pretrained_2d={pretrained}"], {"protocol": "pretrained", "encoder": pretrained}
+    if not pretrain_config:
+        raise ValueError("no pretrained 2D encoder: give a pretraining config, an encoder URI, or from_scratch")
+    from posefr_dist.train.pretrain import pretrain
+
+    t0 = time.perf_counter()
+    outcome = pretrain(load_config(pretrain_config, pretrain_overrides), storage.join(out_uri, "pretrain"))
+    record = {"protocol": "pretrained", "encoder": outcome.encoder_uri, "pretrain_config": pretrain_config,
+              "reused": outcome.reused, "seconds": time.perf_counter() - t0,
+              "metrics": {k: v for k, v in (outcome.metrics or {}).items() if "tar@far=0.01" in k}}
+    return [f"model.pretrained_2d={outcome.encoder_uri}"], record
 
 
 def run_variant(cfg: Config, out_uri: str, split: str = "test", fars: Iterable[float] | None = None) -> VariantRun:

@@ -16,10 +16,13 @@ def test_demo_pipeline_tiny(tmp_path):
     cmd = [sys.executable, "-m", "posefr_dist.cli", "demo", "--out", str(out),
            "--config", str(REPO / "jobs" / "configs" / "demo-cpu.yaml"),
            "synth.identities=14", "synth.views_per_identity=8", "synth.rows_per_shard=64",
-           "train.epochs=1", "data.batch_size=8", "train.warmup_steps=2"]
+           "train.epochs=1", "data.batch_size=8", "train.warmup_steps=2", "train.freeze_pretrained_epochs=0"]
+    for kv in ("synth.identities=24", "synth.views_per_identity=4", "synth.rows_per_shard=64", "train.epochs=1",
+               "data.batch_size=8", "train.warmup_steps=2"):
+        cmd += ["--pretrain-set", kv]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    for line in ("[1/4] synth", "[2/4] validate", "[3/4] train 2d-only", "[3/4] train jam-je", "[4/4] compare",
+    for line in ("[0/4] pretrain", "[1/4] synth", "[2/4] validate", "[3/4] train 2d-only", "[3/4] train jam-je", "[4/4] compare",
                  "profile (90+) TAR@1%FAR"):
         assert line in r.stdout, r.stdout[-3000:]
     table = (out / "comparison.md").read_text()
@@ -30,6 +33,12 @@ def test_demo_pipeline_tiny(tmp_path):
         assert (out / "eval" / variant / "report.json").exists()
         assert (out / "models" / variant / "model.safetensors").exists()
     assert str(out) in r.stdout
+    # both variants fine-tuned from the encoder the demo pretrained
+    enc = out / "pretrain" / "encoder"
+    assert (enc / "config.json").exists() and (out / "pretrain" / "shards" / "manifest.json").exists()
+    for variant in ("2d-only-seed0", "jam-je-seed0"):
+        cfg = (out / "runs" / variant / "config.yaml").read_text()
+        assert f"pretrained_2d: {enc}" in cfg, cfg
     # a local run's terminal is not flooded by Ray's own worker logs (raysupport.quiet_local_workers)
     logs = r.stdout + r.stderr
     assert "Failed to query Ray Train Controller actor state" not in logs

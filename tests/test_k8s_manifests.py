@@ -912,7 +912,7 @@ ENTRYPOINTS = {
     "train": re.compile(r"^python (/app/)?jobs/train\.py --config (/app/)?jobs/configs/paper-gpu\.yaml( \S+=\S+)*$"),
     "tune": re.compile(r"^python (/app/)?jobs/tune\.py --config (/app/)?jobs/configs/tune-paper-gpu\.yaml --num-samples \d+$"),
     "ablation": re.compile(r"^python (/app/)?benchmarks/reproduce\.py --preset paper --seeds \d+(,\d+)* "
-                           r"--data s3://\S+ --out s3://\S+$"),
+                           r"--data s3://\S+ --pretrained s3://\S+ --out s3://\S+$"),
     "nightly": re.compile(r"^python (/app/)?jobs/nightly\.py --models s3://\S+ --data s3://\S+ --history s3://\S+"
                           r"( --pushgateway [\w.-]+:\d+)?$"),
 }
@@ -1409,9 +1409,13 @@ def test_broken_entrypoints_are_reported():
     assert entrypoint_kind("python jobs/train.py --config jobs/configs/paper-gpu.yaml train.epochs=3") == "train"
     assert entrypoint_kind("python jobs/train.py --cfg jobs/configs/paper-gpu.yaml") is None
     assert entrypoint_kind("python jobs/tune.py --config jobs/configs/tune-paper-gpu.yaml") is None
-    assert entrypoint_kind("python benchmarks/reproduce.py --preset cpu --seeds 0 --data s3://b/d --out s3://b/o") is None
+    assert entrypoint_kind("python benchmarks/reproduce.py --preset cpu --seeds 0 --data s3://b/d "
+                           "--pretrained s3://b/m --out s3://b/o") is None
     assert entrypoint_kind("python benchmarks/reproduce.py --preset paper --seeds 0,1,2 --data s3://b/d "
-                           "--out s3://b/o") == "ablation"
+                           "--pretrained s3://b/m --out s3://b/o") == "ablation"
+    # the paper preset has no pretraining of its own: without --pretrained the script refuses
+    assert entrypoint_kind("python benchmarks/reproduce.py --preset paper --seeds 0,1,2 --data s3://b/d "
+                           "--out s3://b/o") is None
     assert entrypoint_kind("python jobs/nightly.py --models /local --data s3://b/d --history s3://b/h") is None
 
 

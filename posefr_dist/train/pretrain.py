@@ -145,7 +145,10 @@ def pretrain(cfg: Config, out_uri: str) -> PretrainOutcome:
     shards = storage.join(out_uri, "shards")
     if storage.exists(storage.join(enc, "config.json")):
         log.info("%s is already exported: nothing to do", enc)
-        return PretrainOutcome(enc, shards, None, None, ["shards", "train", "export"])
+        done = storage.join(out_uri, "pretrain.json")
+        prev = json.loads(storage.read_text(done)) if storage.exists(done) else {}
+        return PretrainOutcome(enc, shards, prev.get("run_uri"), prev.get("best_checkpoint"),
+                               ["shards", "train", "export"], dict(prev.get("metrics") or {}))
     run_cfg = pretrain_config(cfg, out_uri)
     ensure_ray()
     reused = ["shards"] if ensure_shards(run_cfg.synth, shards) else []

@@ -390,3 +390,17 @@ def test_pretrain_end_to_end_resumes_and_feeds_a_fine_tune(tmp_path, ray_local, 
         elif k.startswith("head."):
             assert torch.equal(first["embed." + k[len("head."):]], v), k
     assert not torch.equal(second["encoder_2d.input_layer.0.weight"], ref["encoder.input_layer.0.weight"])
+
+
+def test_workers_get_absolute_local_paths(tmp_path, monkeypatch):
+    """A relative model.pretrained_2d / train.resume_from is the driver's: workers run elsewhere."""
+    from posefr_dist.train.trainer import worker_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["model.pretrained_2d=out/pre/encoder", "train.resume_from=runs/x/ckpt"])
+    tree = worker_config(cfg)
+    assert tree["model"]["pretrained_2d"] == str(tmp_path / "out" / "pre" / "encoder")
+    assert tree["train"]["resume_from"] == str(tmp_path / "runs" / "x" / "ckpt")
+    remote = worker_config(load_config(None, ["model.pretrained_2d=s3://b/enc"]))
+    assert remote["model"]["pretrained_2d"] == "s3://b/enc"
+    assert cfg.model.pretrained_2d == "out/pre/encoder"  # the driver's config is left as it was

@@ -128,6 +128,17 @@ def check_pretrained_2d(cfg: Config, meta: dict[str, Any]) -> None:
                               f"this run has {want!r} ({key})")
 
 
+def worker_config(cfg: Config) -> dict[str, Any]:
+    """The config the workers get: local paths the workers open themselves made absolute, since a
+    worker's working directory is not the driver's."""
+    tree = to_dict(cfg)
+    for section, key in (("model", "pretrained_2d"), ("train", "resume_from")):
+        uri = tree[section][key]
+        if uri:
+            tree[section][key] = storage.local_path(uri) or uri
+    return tree
+
+
 def run_uri(cfg: Config) -> str:
     return storage.join(cfg.train.storage_path, cfg.train.run_name)
 
@@ -160,7 +171,7 @@ def build_trainer(cfg: Config, meta: dict[str, Any], callbacks: list | None = No
     chaos_dir = os.path.join(local, tc.run_name) if local else None
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": to_dict(cfg), "meta": meta, "chaos_dir": chaos_dir},
+        train_loop_config={"cfg": worker_config(cfg), "meta": meta, "chaos_dir": chaos_dir},
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=tc.use_gpu,
                                                resources_per_worker=resources),

@@ -9,7 +9,7 @@ The paper's protocol: every variant fine-tunes from the same pretrained 2D encod
 preset makes its own once (``posefr pretrain`` with jobs/configs/pretrain-cpu.yaml: a 2D-only
 synthetic set of other identities, web-like poses) into ``OUT/pretrain``; ``--pretrained URI``
 uses a given one; ``--from-scratch`` runs the old protocol. Extra variants (``--variants
-2d-only,jam,jam-je,jam-je-mi,jam-je-shared,jam-je-frontal``) are ``jam-je`` with one option each
+2d-only,jam,jam-je,jam-je-dn,jam-je-mi,jam-je-shared,jam-je-frontal``) are ``jam-je`` with one option each
 (posefr_dist.experiment.EXTRA_VARIANTS).
 
 Each (variant, seed) is a real run of the system: Ray Train workers under DeepSpeed, export of
@@ -122,6 +122,8 @@ def main() -> None:
     ap.add_argument("--pretrained", help="start every variant from this 2D encoder instead of pretraining "
                     "(a posefr export folder or an AdaFace checkpoint; path or s3://)")
     ap.add_argument("--from-scratch", action="store_true", help="no pretrained encoder (the old protocol)")
+    ap.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override of the pretraining preset (repeatable), e.g. synth.identities=200")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     from posefr_dist.data.synth import synthesize
@@ -141,7 +143,7 @@ def main() -> None:
     if not (args.pretrained or args.from_scratch or pre_cfg):
         ap.error(f"preset {args.preset!r} has no pretraining of its own: give --pretrained URI "
                  "(e.g. an AdaFace IR-18 checkpoint) or --from-scratch")
-    start, pretrain_record = pretrained_encoder(pre_cfg, args.pretrained, out, args.from_scratch)
+    start, pretrain_record = pretrained_encoder(pre_cfg, args.pretrained, out, args.from_scratch, args.pretrain_set)
     print(f"2D start: {pretrain_record}", flush=True)
     overrides = [*start, *args.overrides]
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -211,7 +211,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     start, record = pretrained_encoder(pre_cfg, args.pretrained, out, args.from_scratch, args.pretrain_set)
     if record.get("encoder"):
         tars = ", ".join(f"{k.rsplit('/', 1)[-1]} {100 * v:.1f}%" for k, v in sorted(record.get("metrics", {}).items())
-                         if isinstance(v, (int, float)))
+                         if isinstance(v, (int, float)) and v == v)  # NaN: a bin without pairs
         print(f"      encoder {record['encoder']} in {time.perf_counter() - t0:.0f}s"
               + (f"; its val TAR@1%FAR: {tars}" if tars else "") + (" (reused)" if record.get("reused") else ""))
     overrides = [*start, *args.overrides]

@@ -24,6 +24,7 @@ VARIANTS = ("2d-only", "jam", "jam-je")
 #: options beyond the method's letter, run as named variants of ``jam-je`` (each one config change)
 EXTRA_VARIANTS: dict[str, tuple[str, ...]] = {
     "jam-je-mi": ("loss.je_form=mi",),  # L_JE = -MI(A_2D; A_3D)
+    "jam-je-dn": ("model.attn_domain_norm=true",),  # feature norms cannot sharpen the attention
     "jam-je-shared": ("model.shared_head=true",),  # one identity head for both branches
     "jam-je-frontal": ("model.splat=frontal",),  # the 3D map laid out frontally whatever the pose
 }

@@ -34,17 +34,41 @@ def test_table_means_stds_and_paired_differences():
     assert mean_std([1.0]) == (1.0, 0.0)
 
 
+def test_extra_variants_are_jam_je_with_one_change(tmp_path):
+    from posefr_dist.experiment import variant_config
+
+    preset = str(REPO / "jobs" / "configs" / "reproduce-cpu.yaml")
+    args = (0, str(tmp_path / "shards"), str(tmp_path / "runs"))
+    base = variant_config(preset, "jam-je", *args)
+    for name, (key, value) in {"jam-je-mi": ("loss.je_form", "mi"), "jam-je-dn": ("model.attn_domain_norm", True),
+                               "jam-je-shared": ("model.shared_head", True),
+                               "jam-je-frontal": ("model.splat", "frontal")}.items():
+        cfg = variant_config(preset, name, *args)
+        section, field = key.split(".")
+        assert cfg.model.variant == "jam-je" and cfg.train.run_name == f"{name}-seed0"
+        assert getattr(getattr(cfg, section), field) == value != getattr(getattr(base, section), field)
+    assert variant_config(preset, "jam", *args).loss.lambda_je == 0
+    with pytest.raises(ValueError, match="unknown variant"):
+        variant_config(preset, "jam-xx", *args)
+
+
 @pytest.mark.slow
 def test_ablation_script_tiny(tmp_path):
     out = tmp_path / "ablation"
     cmd = [sys.executable, str(REPO / "benchmarks" / "reproduce.py"), "--preset", "cpu", "--seeds", "0",
            "--variants", "2d-only,jam", "--out", str(out),
            "synth.identities=14", "synth.views_per_identity=8", "synth.rows_per_shard=64",
-           "train.epochs=1", "data.batch_size=8", "train.warmup_steps=2"]
+           "train.epochs=1", "data.batch_size=8", "train.warmup_steps=2", "train.freeze_pretrained_epochs=0"]
+    for kv in ("synth.identities=24", "synth.views_per_identity=4", "synth.rows_per_shard=64", "train.epochs=1",
+               "data.batch_size=8", "train.warmup_steps=2"):
+        cmd += ["--pretrain-set", kv]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     res = json.loads((out / "results.json").read_text())
     assert set(res["reports"]) == {"2d-only", "jam"} and set(res["reports"]["jam"]) == {"0"}
+    # pretrained once, and both variants fine-tuned from that encoder
+    assert res["pretrain"]["protocol"] == "pretrained" and (out / "pretrain" / "encoder" / "config.json").exists()
+    assert f"model.pretrained_2d={out / 'pretrain' / 'encoder'}" in res["overrides"]
     assert "tar_3d" in res["diagnostics"]["jam"]["0"] and "tar_3d" not in res["diagnostics"]["2d-only"]["0"]
     md = (out / "table.md").read_text()
     assert "| 2d-only |" in md and "| jam − 2d-only (paired by seed) |" in md and "Diagnostics" in md

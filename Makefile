@@ -39,7 +39,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/verify.py
 	$(BIN)/python benchmarks/train.py
 
-# the ablation 2d-only vs jam vs jam-je over 3 seeds (about an hour on 2 cores)
+# pretrain the 2D encoder once, then the ablation 2d-only vs jam vs jam-je fine-tuned from it over
+# 3 seeds (about 62 minutes on 2 cores; resumable)
 reproduce: $(STAMP)
 	$(BIN)/python benchmarks/reproduce.py --preset cpu --out out/reproduce
 

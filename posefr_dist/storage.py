@@ -18,7 +18,7 @@ import posixpath
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Callable, Iterable, TypeVar
 
 import pyarrow.fs as pafs
 
@@ -242,14 +242,15 @@ def local_path(uri: str) -> str | None:
     return None if loc.is_s3 else loc.path
 
 
-def upload_dir(local_dir: str, uri: str) -> None:
-    """Copy a local folder's files to ``uri`` (each file written atomically)."""
-    for root, _, files in os.walk(local_dir):
-        for name in sorted(files):
-            src = os.path.join(root, name)
-            rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
-            with open(src, "rb") as f:
-                write_bytes(join(uri, rel), f.read())
+def upload_dir(local_dir: str, uri: str, last: Iterable[str] = ()) -> None:
+    """Copy a local folder's files to ``uri`` (each file written atomically); the relative paths in
+    ``last`` are written after all others (a marker that says the folder is complete)."""
+    final = set(last)
+    rels = sorted(os.path.relpath(os.path.join(root, name), local_dir).replace(os.sep, "/")
+                  for root, _, files in os.walk(local_dir) for name in files)
+    for rel in sorted(rels, key=lambda r: r in final):
+        with open(os.path.join(local_dir, rel), "rb") as f:
+            write_bytes(join(uri, rel), f.read())
 
 
 def download_dir(uri: str, local_dir: str) -> str:

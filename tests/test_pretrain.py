@@ -404,3 +404,20 @@ def test_workers_get_absolute_local_paths(tmp_path, monkeypatch):
     remote = worker_config(load_config(None, ["model.pretrained_2d=s3://b/enc"]))
     assert remote["model"]["pretrained_2d"] == "s3://b/enc"
     assert cfg.model.pretrained_2d == "out/pre/encoder"  # the driver's config is left as it was
+
+
+def test_upload_dir_writes_the_marker_last(tmp_path, monkeypatch):
+    from posefr_dist import storage
+
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "training.json", "sub/a.bin"):
+        (src / name).write_text(name)
+    order: list[str] = []
+    real = storage.write_bytes
+    monkeypatch.setattr(storage, "write_bytes", lambda uri, data: (order.append(uri.rsplit("/dst/", 1)[1]),
+                                                                     real(uri, data)))
+    storage.upload_dir(str(src), str(tmp_path / "dst"), last=("config.json",))
+    assert order[-1] == "config.json" and sorted(order) == ["config.json", "model.safetensors", "sub/a.bin",
+                                                            "training.json"]
+    assert (tmp_path / "dst" / "sub" / "a.bin").read_text() == "sub/a.bin"

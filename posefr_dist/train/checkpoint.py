@@ -320,25 +320,26 @@ def export_checkpoint(ckpt_uri: str, out_uri: str) -> dict[str, Any]:
     """Export the 2D path of a training checkpoint to the inference format (safetensors + JSON).
 
     ``ckpt_uri`` and ``out_uri`` may be folders or ``s3://`` URIs. Returns the export's config.
+    ``config.json`` is written last, locally and on S3, so its presence marks a finished export.
     """
     import shutil
     import tempfile
 
     from posefr_dist import storage
     from posefr_dist.model import export_2d
+    from posefr_dist.model.export import CONFIG_NAME
 
     model, meta = load_model(ckpt_uri)
     work = tempfile.mkdtemp(prefix="posefr-export-")
     try:
-        out_local = storage.local_path(out_uri) or os.path.join(work, "export")
+        out_local = os.path.join(work, "export")
         export_2d(model, out_local)
         extra = {"source_checkpoint": ckpt_uri, "epoch": meta.get("epoch"), "global_step": meta.get("global_step"),
                  "metrics": meta.get("metrics", {})}
         with open(os.path.join(out_local, "training.json"), "w") as f:
             json.dump(extra, f, indent=2, sort_keys=True, default=str)
-        if storage.local_path(out_uri) is None:
-            storage.upload_dir(out_local, out_uri)
-        with open(os.path.join(out_local, "config.json")) as f:
+        storage.upload_dir(out_local, out_uri, last=(CONFIG_NAME,))
+        with open(os.path.join(out_local, CONFIG_NAME)) as f:
             return json.load(f)
     finally:
         shutil.rmtree(work, ignore_errors=True)

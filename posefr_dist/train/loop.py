@@ -333,8 +333,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         engine.train()
         # both are functions of the epoch, so a resumed run continues them exactly
         freeze.set_epoch(epoch, scheduler)
-        if cfg.loss.je_warmup_epochs > 0:
-            engine.module.lambda_je = je_weight(base_lambda_je, epoch, cfg.loss.je_warmup_epochs)
+        engine.module.lambda_je = je_weight(base_lambda_je, epoch, cfg.loss.je_warmup_epochs)
         metrics.epoch.set(epoch)
         sums = {k: 0.0 for k in LOSS_TERMS}
         seen, wait, t_epoch = 0, 0.0, time.perf_counter()

@@ -20,9 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,21 +106,6 @@ def _finished_run(run_uri: str) -> dict[str, Any] | None:
     return summary
 
 
-def _export(best: str, enc_uri: str) -> None:
-    """Export ``best`` to ``enc_uri`` with ``config.json`` written last (it marks a finished export)."""
-    from posefr_dist.train.checkpoint import export_checkpoint
-
-    work = tempfile.mkdtemp(prefix="posefr-pretrain-export-")
-    try:
-        export_checkpoint(best, work)
-        names = sorted(os.listdir(work), key=lambda n: (n == "config.json", n))
-        for name in names:
-            with open(os.path.join(work, name), "rb") as f:
-                storage.write_bytes(storage.join(enc_uri, name), f.read())
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
 def pretrain(cfg: Config, out_uri: str) -> PretrainOutcome:
     """Synthesize (or reuse) the pretraining set, train ``2d-only`` on it with the distributed
     trainer and export the best checkpoint's 2D path to ``OUT/encoder``.
@@ -137,6 +119,7 @@ def pretrain(cfg: Config, out_uri: str) -> PretrainOutcome:
         RuntimeError: training failed or left no checkpoint.
     """
     from posefr_dist.raysupport import ensure_ray
+    from posefr_dist.train.checkpoint import export_checkpoint
     from posefr_dist.train.trainer import run_uri, train
 
     if cfg.train.resume_from:
@@ -163,7 +146,7 @@ def pretrain(cfg: Config, out_uri: str) -> PretrainOutcome:
         if outcome.best_checkpoint is None:
             raise RuntimeError(f"pretraining run {run} reported no checkpoint")
         best, metrics = outcome.best_checkpoint, dict(outcome.best_metrics)
-    _export(best, enc)
+    export_checkpoint(best, enc)  # config.json last: it marks a finished export
     result = PretrainOutcome(enc, shards, run, best, reused, metrics)
     storage.write_text(storage.join(out_uri, "pretrain.json"),
                        json.dumps(dataclasses.asdict(result), indent=2, sort_keys=True, default=str) + "\n")

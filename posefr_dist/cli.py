@@ -4,6 +4,7 @@
     posefr pretrain --out URI [--config FILE] [key=value ...]
     posefr shards validate URI
     posefr shards inspect URI [--sheet PNG]
+    posefr shards pack SRC DST [--on-bad-row error|skip]
     posefr demo [--out DIR]
 """
 
@@ -73,6 +74,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         bins = ", ".join(f"{k} {v}" for k, v in s["yaw_bins"].items())
         print(f"{split}: {s['rows']} rows, {s['identities']} identities; |yaw| bins: {bins}")
     print(f"contact sheet (rows: |yaw| bins {', '.join(summary['contact_sheet_rows'])}): {sheet}")
+    return EXIT_OK
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from posefr_dist.data.pack import pack
+
+    s = pack(args.src, args.dst, on_bad_row=args.on_bad_row, rows_per_shard=args.rows_per_shard)
+    for r in s["skipped_rows"][:20]:
+        print(f"skipped: {r['file']}\trow {r['row']}\t{r['field']}\t{r['reason']}", file=sys.stderr)
+    rows = ", ".join(f"{k} {v['rows']}" for k, v in s["splits"].items())
+    print(f"packed {s['rows']} rows ({rows}), skipped {s['skipped']}, {s['bytes_before'] / 1e6:.1f} MB -> "
+          f"{s['bytes_after'] / 1e6:.1f} MB ({s['image_format']}) to {args.dst} in {s['seconds']:.1f}s")
     return EXIT_OK
 
 
@@ -291,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-ray", action="store_true", help="generate in this process (debugging)")
     s.set_defaults(func=cmd_synth)
 
-    sh = sub.add_parser("shards", help="check or look at a shard root").add_subparsers(dest="shards_cmd", required=True)
+    sh = sub.add_parser("shards", help="check, look at or pack a shard root").add_subparsers(dest="shards_cmd", required=True)
     v = sh.add_parser("validate", help="check manifest, checksums, schema and every row")
     v.add_argument("uri")
     v.add_argument("--no-images", action="store_true", help="skip decoding images (faster)")
@@ -300,6 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("uri")
     i.add_argument("--sheet", help="where to write the contact sheet PNG (default URI/contact_sheet.png)")
     i.set_defaults(func=cmd_inspect)
+    pk = sh.add_parser("pack", help="write the raw form (decoded CHW uint8 images, rows checked once) for "
+                                    "GPU nodes short of CPU")
+    pk.add_argument("src", help="source shard root (folder or s3://), encoded images")
+    pk.add_argument("dst", help="destination root (folder or s3://)")
+    pk.add_argument("--on-bad-row", choices=("error", "skip"), default="error",
+                    help="a bad row stops the pack (default) or is dropped and counted")
+    pk.add_argument("--rows-per-shard", type=int, default=None,
+                    help="re-cut each split into files of this many rows (default: keep the source's files)")
+    pk.set_defaults(func=cmd_pack)
 
     t = sub.add_parser("train", help="distributed training (Ray Train + DeepSpeed)")
     t.add_argument("--config", help="YAML config (see jobs/configs/)")

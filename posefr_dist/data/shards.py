@@ -9,6 +9,13 @@ Layout under a root URI (folder or ``s3://``)::
 
 The manifest records the schema version, the generator or source, row counts per split and per
 shard, identity counts and a SHA-256 per shard. Every shard is written atomically.
+
+The ``image`` column has one of two forms, named by the manifest's ``image_format``:
+
+* ``encoded`` (no ``image_format`` key): ``binary``, one PNG/JPEG per row;
+* ``raw-chw-uint8`` (written by :mod:`posefr_dist.data.pack`): ``fixed_size_list<uint8>`` of
+  ``3 * image_size * image_size`` values, the decoded RGB image in channel-major (CHW) order, so a
+  reader does no image decoding (``img_hwc.transpose(2, 0, 1).reshape(-1)``).
 """
 
 from __future__ import annotations
@@ -53,6 +60,29 @@ class Problem:
     def __str__(self) -> str:
         row = "-" if self.row is None else str(self.row)
         return f"{self.file}\trow {row}\t{self.field or '-'}\t{self.reason}"
+
+
+#: values of the manifest's ``image_format`` (a manifest without the key is the encoded form)
+IMAGE_FORMAT_ENCODED = "encoded"
+IMAGE_FORMAT_RAW = "raw-chw-uint8"
+IMAGE_FORMATS = (IMAGE_FORMAT_ENCODED, IMAGE_FORMAT_RAW)
+
+
+def image_format(manifest: Mapping[str, Any], root: str | None = None) -> str:
+    """The manifest's image form: ``"encoded"`` (the default) or ``"raw-chw-uint8"``.
+
+    An unknown value raises :class:`ShardError` naming manifest.json (under ``root`` when given)
+    and the field ``image_format``."""
+    fmt = manifest.get("image_format", IMAGE_FORMAT_ENCODED)
+    if fmt not in IMAGE_FORMATS:
+        uri = storage.join(root, MANIFEST_NAME) if root else MANIFEST_NAME
+        raise ShardError(uri, None, "image_format", f"unknown image format {fmt!r} (expected one of {IMAGE_FORMATS})")
+    return fmt
+
+
+def raw_image_type(image_size: int) -> pa.DataType:
+    """Arrow type of the ``image`` column in the raw form: ``3 * image_size**2`` uint8 values (CHW)."""
+    return pa.list_(pa.uint8(), 3 * int(image_size) * int(image_size))
 
 
 def shard_name(index: int) -> str:
@@ -138,6 +168,7 @@ def read_manifest(root: str) -> dict[str, Any]:
                          f"unsupported schema version {man.get('schema_version')!r} (expected {SCHEMA_VERSION})")
     if not isinstance(man.get("splits"), dict):
         raise ShardError(uri, None, "splits", "missing or not a mapping")
+    image_format(man, root)
     return man
 
 
@@ -203,12 +234,38 @@ def decode_image(data: bytes | None) -> np.ndarray:
         raise ValueError(f"image does not decode: {e}") from None
 
 
+def image_hwc(value: Any, image_size: int | None = None) -> np.ndarray:
+    """RGB uint8 HxWx3 array from an ``image`` cell of either form (raises ValueError when bad).
+
+    ``value``: encoded bytes (decoded), or a raw CHW uint8 sequence / numpy array / Arrow list
+    scalar of ``3 * image_size**2`` values (reshaped; ``image_size`` is then required)."""
+    if isinstance(value, pa.Scalar):
+        if pa.types.is_fixed_size_list(value.type) or pa.types.is_list(value.type):
+            value = None if not value.is_valid else value.values.to_numpy(zero_copy_only=False)
+        else:
+            value = value.as_py()
+    if value is None:
+        raise ValueError("missing image")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return decode_image(bytes(value))
+    if image_size is None:
+        raise ValueError("a raw image needs the image size")
+    arr = np.asarray(value)
+    want = 3 * image_size * image_size
+    if arr.size != want:
+        raise ValueError(f"raw image has {arr.size} values, expected 3*{image_size}*{image_size} = {want}")
+    return np.ascontiguousarray(arr.astype(np.uint8, copy=False).reshape(3, image_size, image_size).transpose(1, 2, 0))
+
+
 # --------------------------------------------------------------------------------------------
 # validate / inspect
 # --------------------------------------------------------------------------------------------
 
 
-def _check_schema(uri: str, table: pa.Table) -> list[Problem]:
+def _check_schema(uri: str, table: pa.Table, image_format: str = IMAGE_FORMAT_ENCODED,
+                  image_size: int | None = None) -> list[Problem]:
+    """Column problems of one shard; ``image_format``/``image_size`` (from the manifest) say which
+    ``image`` type is expected: ``binary`` (encoded) or ``fixed_size_list<uint8>[3*size*size]`` (raw)."""
     problems = []
     names = table.column_names
     for col in SHARD_COLUMNS:
@@ -226,16 +283,31 @@ def _check_schema(uri: str, table: pa.Table) -> list[Problem]:
         if f.name == "points":
             if not (pa.types.is_fixed_size_list(got) or pa.types.is_list(got) or pa.types.is_large_list(got)):
                 problems.append(Problem(uri, None, "points", f"type {got}, expected a list of float32"))
+        elif f.name == "image" and image_format == IMAGE_FORMAT_RAW:
+            ok = pa.types.is_fixed_size_list(got) and got.value_type == pa.uint8()
+            if ok and image_size is not None:
+                ok = got.list_size == 3 * image_size * image_size
+            if not ok:
+                want = (raw_image_type(image_size) if image_size is not None else "fixed_size_list<uint8>")
+                problems.append(Problem(uri, None, "image", f"type {got}, expected {want} (image_format "
+                                        f"{IMAGE_FORMAT_RAW}, image_size {image_size} in manifest.json)"))
+        elif f.name == "image" and got != f.type and pa.types.is_fixed_size_list(got):
+            problems.append(Problem(uri, None, "image", f"type {got}, expected {f.type} (a raw shard? manifest.json "
+                                    f"has image_format {image_format!r})"))
         elif got != f.type:
             problems.append(Problem(uri, None, f.name, f"type {got}, expected {f.type}"))
     return problems
 
 
-def validate_table(uri: str, table: pa.Table, check_images: bool = True) -> list[Problem]:
-    """Row-level checks of one shard table."""
-    problems = _check_schema(uri, table)
+def validate_table(uri: str, table: pa.Table, check_images: bool = True,
+                   image_format: str = IMAGE_FORMAT_ENCODED, image_size: int | None = None) -> list[Problem]:
+    """Row-level checks of one shard table. ``image_format`` and ``image_size`` come from the
+    manifest; raw images are checked for type and nulls (there is nothing to decode)."""
+    problems = _check_schema(uri, table, image_format, image_size)
     if problems:
         return problems
+    raw = image_format == IMAGE_FORMAT_RAW
+    bad_raw: dict[int, str] = _raw_image_nulls(table.column("image")) if raw else {}
     cols = {c: table.column(c).to_pylist() for c in SHARD_COLUMNS if c not in ("image", "points")}
     images = table.column("image")
     points = table.column("points")
@@ -245,7 +317,10 @@ def validate_table(uri: str, table: pa.Table, check_images: bool = True) -> list
                 problems.append(Problem(uri, i, fname, "null"))
         if cols["label"][i] is not None and cols["label"][i] < 0:
             problems.append(Problem(uri, i, "label", f"negative label {cols['label'][i]}"))
-        if check_images:
+        if raw:
+            if i in bad_raw:
+                problems.append(Problem(uri, i, "image", bad_raw[i]))
+        elif check_images:
             try:
                 img = decode_image(images[i].as_py())
                 if img.ndim != 3 or img.shape[2] != 3:
@@ -264,6 +339,25 @@ def validate_table(uri: str, table: pa.Table, check_images: bool = True) -> list
     return problems
 
 
+def _raw_image_nulls(column: pa.ChunkedArray) -> dict[int, str]:
+    """Rows of a raw ``image`` column that are null or hold null values: {row: reason}."""
+    out: dict[int, str] = {}
+    start = 0
+    for chunk in column.chunks:
+        if chunk.null_count:
+            for j in np.flatnonzero(~np.asarray(chunk.is_valid().to_numpy(zero_copy_only=False), bool)):
+                out[start + int(j)] = "null"
+        size = chunk.type.list_size
+        vals = chunk.values  # the child array, including slots under null rows
+        if vals.null_count:
+            lo = chunk.offset * size
+            valid = np.asarray(vals.is_valid().to_numpy(zero_copy_only=False), bool)[lo:lo + len(chunk) * size]
+            for j in np.flatnonzero(~valid.reshape(len(chunk), size).all(axis=1)):
+                out.setdefault(start + int(j), "null pixel value(s)")
+        start += len(chunk)
+    return out
+
+
 def validate(root: str, check_images: bool = True) -> tuple[list[Problem], dict[str, Any]]:
     """Check a shard root: manifest, checksums, schema, every row. Returns (problems, summary)."""
     man_uri = storage.join(root, MANIFEST_NAME)
@@ -273,6 +367,14 @@ def validate(root: str, check_images: bool = True) -> tuple[list[Problem], dict[
         return [Problem(e.file, e.row, e.field, e.reason)], {}
     problems: list[Problem] = []
     summary: dict[str, Any] = {"splits": {}}
+    fmt = image_format(man, root)  # read_manifest has rejected unknown values
+    image_size = man.get("image_size")
+    if fmt == IMAGE_FORMAT_RAW and not (isinstance(image_size, int) and image_size > 0):
+        return [Problem(man_uri, None, "image_size",
+                        f"{image_size!r}: the {IMAGE_FORMAT_RAW} form needs a positive image_size")], {}
+    if not isinstance(image_size, int):
+        image_size = None
+    summary["image_format"] = fmt
     subjects_by_split: dict[str, set[str]] = {}
     seen_ids: dict[str, str] = {}
     for split, info in sorted(man["splits"].items()):
@@ -297,7 +399,8 @@ def validate(root: str, check_images: bool = True) -> tuple[list[Problem], dict[
                 problems.append(Problem(uri, None, None,
                                         f"{table.num_rows} rows, manifest.json says {entry.get('rows')}"))
             rows += table.num_rows
-            row_problems = validate_table(uri, table, check_images=check_images)
+            row_problems = validate_table(uri, table, check_images=check_images, image_format=fmt,
+                                          image_size=image_size)
             problems.extend(row_problems)
             if any(p.row is None for p in row_problems):
                 continue  # schema problems: row checks below would only repeat them
@@ -341,7 +444,8 @@ def inspect(root: str, out_png: str | None = None, per_bin: int = 8,
     from PIL import Image
 
     man = read_manifest(root)
-    summary: dict[str, Any] = {"dataset": man.get("dataset"), "splits": {}}
+    image_size = man.get("image_size")
+    summary: dict[str, Any] = {"dataset": man.get("dataset"), "image_format": image_format(man, root), "splits": {}}
     edges = list(yaw_edges)
     labels = [f"{int(a)}-{int(b)}" for a, b in zip(edges, edges[1:])] + [f"{int(edges[-1])}+"]
     picks: dict[str, list[np.ndarray]] = {lab: [] for lab in labels}
@@ -359,7 +463,7 @@ def inspect(root: str, out_png: str | None = None, per_bin: int = 8,
                 lab = labels[min(b, len(labels) - 1)]
                 counts[lab] += 1
                 if out_png and len(picks[lab]) < per_bin and (i % 7 == 0):
-                    picks[lab].append(decode_image(imgs[i].as_py()))
+                    picks[lab].append(image_hwc(imgs[i], image_size))
         summary["splits"][split] = {"rows": man["splits"][split]["rows"],
                                     "identities": man["splits"][split].get("identities"), "yaw_bins": counts}
     if out_png:

@@ -1,33 +1,41 @@
 # posefr-dist: two commands on a fresh machine.
 #   make demo   set up .venv/ and run the main job on the embedded default (local Ray, local folder)
 #   make test   set up .venv/ and run the test suite
+#   make image  build the container image that k8s/ and cluster/aws-gpu.yaml run (Dockerfile)
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= out/demo
 PYTEST_ARGS ?=
+# tests/test_nightly.py starts a real Pushgateway: Debian's prometheus-pushgateway
+PUSHGATEWAY := /usr/bin/prometheus-pushgateway
+VERSION := $(shell sed -n 's/^version *= *"\([^"]*\)".*/\1/p' pyproject.toml)
+IMAGE ?= ghcr.io/posefr/posefr-dist:$(VERSION)
 
 export RAY_USAGE_STATS_ENABLED := 0
 export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup demo test test-fast bench reproduce clean
+.PHONY: setup demo test test-fast bench reproduce clean image
 
-setup: $(STAMP)
+setup: $(STAMP) $(PUSHGATEWAY)
 
-$(STAMP): pyproject.toml
-	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --upgrade --quiet pip
-	# the CPU build of torch first, so no dependency pulls a CUDA build
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+# the venv: the CPU build of torch first (so no dependency pulls a CUDA build), then the project
+# editable with its test extras. The Dockerfile runs the same script with --cuda.
+$(STAMP): pyproject.toml scripts/install.sh
+	scripts/install.sh --cpu $(PY) $(VENV)
 	touch $(STAMP)
+
+# installed with apt-get when missing; where that is impossible the script says what to install
+# and setup goes on (only tests/test_nightly.py needs it)
+$(PUSHGATEWAY):
+	scripts/install.sh --pushgateway
 
 demo: $(STAMP)
 	$(BIN)/posefr demo --out $(OUT)
 
-test: $(STAMP)
+test: $(STAMP) $(PUSHGATEWAY)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
@@ -43,6 +51,10 @@ bench: $(STAMP)
 # 3 seeds (about 62 minutes on 2 cores; resumable)
 reproduce: $(STAMP)
 	$(BIN)/python benchmarks/reproduce.py --preset cpu --out out/reproduce
+
+# the image named in k8s/ and cluster/aws-gpu.yaml (tag: the version in pyproject.toml)
+image:
+	docker build -t $(IMAGE) .
 
 clean:
 	rm -rf $(VENV) out .cache

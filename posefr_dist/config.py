@@ -87,13 +87,32 @@ class DataConfig:
     #: rows per training batch (per worker)
     batch_size: int = 32
     #: what a bad row does: ``error`` stops with file, row and field; ``skip`` drops and counts it
+    #: (in training a skipped row's place is taken by the next good row of its shuffle window)
     on_bad_row: str = "error"
-    #: shuffle rows within a buffer of this many rows each epoch (0 = no shuffle)
+    #: rows shuffled together each epoch (a window of whole chunks; 0 = no shuffle within windows)
     shuffle_buffer: int = 512
-    #: also randomise the order of blocks each epoch
+    #: deal the chunks to the ranks in a new order each epoch (else file order)
     shuffle_blocks: bool = True
-    #: rows per Ray Data block handed to decode tasks
-    decode_batch_size: int = 64
+    #: rows per chunk, the unit the epoch plan permutes and deals to ranks (a chunk never crosses a
+    #: Parquet row group; the shard writer makes 64-row groups)
+    chunk_rows: int = 64
+    #: rows each decode task reads and decodes (whole chunks; >= 256 keeps per-task overhead small)
+    decode_batch_size: int = 256
+    #: decode tasks in flight at most (0 = as many as Ray schedules)
+    decode_concurrency: int = 0
+    #: CPUs each decode task asks Ray for
+    decode_cpus: float = 1.0
+    #: ``memory``: decode each split once into the object store and index it every epoch;
+    #: ``off``: stream and decode every epoch; ``auto``: memory when the decoded split fits
+    #: ``cache_fraction`` of the object store, else off
+    cache: str = "auto"
+    #: share of the object store the decoded train + val splits may take under ``cache: auto``
+    cache_fraction: float = 0.5
+    #: batches each training worker prepares ahead of the step (gather, augment, to tensors)
+    prefetch_batches: int = 2
+    #: write each rank's global row ids per step to ``<trace_dir>/rank<R>.jsonl`` ('' = off; for
+    #: checking determinism)
+    trace_dir: str = ""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
@@ -102,6 +121,12 @@ class DataConfig:
         _one_of(self.on_bad_row, ("error", "skip"), "data.on_bad_row")
         _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
         _check(self.decode_batch_size > 0, "data.decode_batch_size", "must be > 0")
+        _check(self.chunk_rows > 0, "data.chunk_rows", f"must be > 0, got {self.chunk_rows}")
+        _check(self.decode_concurrency >= 0, "data.decode_concurrency", "must be >= 0 (0 = Ray's choice)")
+        _check(self.decode_cpus > 0, "data.decode_cpus", "must be > 0")
+        _one_of(self.cache, ("auto", "memory", "off"), "data.cache")
+        _check(0.0 < self.cache_fraction <= 1.0, "data.cache_fraction", f"must be in (0, 1], got {self.cache_fraction}")
+        _check(self.prefetch_batches >= 1, "data.prefetch_batches", "must be >= 1")
 
 
 @dataclass
@@ -306,7 +331,8 @@ class TrainConfig:
     ray_log_level: str = "WARNING"
     #: checkpoint URI to start from (weights, optimizer, epoch); '' = fresh or automatic resume
     resume_from: str = ""
-    #: keep Ray Data's output order fixed so a resumed run sees the batches an uninterrupted one would
+    #: kept for older configs: the data order is always planned from (seed, epoch, world size)
+    #: (data/plan.py), so a resumed run sees the batches an uninterrupted one would
     deterministic: bool = True
     #: testing hook "EPOCH:STEP:RANK": that worker process dies once at that point
     chaos_kill_at: str = ""

@@ -71,6 +71,8 @@ def quiet_ray_data() -> None:
         ctx = DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
+        # a training worker starts a short streaming read per epoch: no start/progress/finish lines
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
         if hasattr(ctx, "enable_rich_progress_bars"):
             ctx.enable_rich_progress_bars = False
     except Exception:  # pragma: no cover - older/newer Ray without these fields

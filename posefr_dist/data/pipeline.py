@@ -1,9 +1,12 @@
-"""The Ray Data pipeline: shards (folder or ``s3://``) -> decoded, augmented batches for training.
+"""The Ray Data pipeline: shards (folder or ``s3://``) -> decoded batches.
 
-``build_dataset`` reads only the needed columns of one split, checks every shard file's footer
-first (a truncated shard is named before any work starts), and decodes rows in ``map_batches``:
-images to normalised float32 CHW in [-1, 1], points to N×3 float32. ``iter_epoch`` hands batches to
-training through ``iter_torch_batches`` with a per-epoch local shuffle.
+:func:`open_split` reads a split's manifest entries and every shard's Parquet footer (a truncated
+shard is named before any work starts) and returns a :class:`SplitSource`: the split's layout
+(files and row groups, see :mod:`posefr_dist.data.plan`) and what decoding needs.
+:meth:`SplitSource.dataset` is a Ray Dataset that reads and decodes given windows of chunks in
+``map_batches`` tasks (:func:`posefr_dist.data.decode.decode_table`: whole-column checks, images to
+uint8 CHW, points to N x 3 float32), in order. :func:`build_dataset` is the whole split in file
+order (embedding, tests); training uses :mod:`posefr_dist.data.loader` on top of the same source.
 
 Bad rows follow ``data.on_bad_row``:
 
@@ -12,15 +15,16 @@ Bad rows follow ``data.on_bad_row``:
 * ``skip``: drop the row, log it and count it in a :class:`BadRowLog` actor whose count the caller
   reads (and training exports as a metric). Nothing is dropped silently.
 
-Augmentation (``augment_batch``) is a plain NumPy function of a decoded batch and a generator, so
-the training loop can also apply it with a generator seeded by (seed, epoch, rank, step).
+Augmentation (``augment_batch``) is a plain NumPy function of a decoded batch and a generator,
+seeded by the training loader with (seed, epoch, rank, batch).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
@@ -28,38 +32,131 @@ import pyarrow.parquet as pq
 
 from posefr_dist import storage
 from posefr_dist.config import AugmentConfig, DataConfig
+from posefr_dist.data import decode as D
 from posefr_dist.data import shards as S
+from posefr_dist.data.plan import SplitLayout
 
 log = logging.getLogger(__name__)
 
-READ_COLUMNS = ["sample_id", "subject_id", "label", "image", "yaw_deg", "pitch_deg", "points", "num_points"]
+READ_COLUMNS = D.READ_COLUMNS
 #: columns of a decoded batch; ``yaw_deg`` and ``pitch_deg`` are float32 with NaN where unknown
 BATCH_COLUMNS = ("sample_id", "subject_id", "label", "image", "yaw_deg", "pitch_deg", "points", "has_points")
 
 
 class BadRowLog:
-    """Ray actor body that records skipped rows (file, row, field, reason)."""
+    """Ray actor body that records skipped rows (file, row, field, reason), each row once however
+    often it is read (a streamed split is decoded every epoch)."""
 
     def __init__(self) -> None:
-        self._records: list[tuple[str, Any, str | None, str, int]] = []
+        self._records: dict[tuple[str, Any, str | None], tuple[str, Any, str | None, str, int]] = {}
 
     def add(self, records: list[tuple[str, Any, str | None, str, int]]) -> int:
         for rec in records:
-            log.warning("skipped bad row: %s, row %s, field %s: %s", rec[0], rec[1], rec[2], rec[3])
-        self._records.extend(records)
+            key = (rec[0], rec[1], rec[2])
+            if key not in self._records:
+                log.warning("skipped bad row: %s, row %s, field %s: %s", rec[0], rec[1], rec[2], rec[3])
+                self._records[key] = tuple(rec)
         return self.count()
 
     def count(self) -> int:
         """Rows skipped so far (a record for a whole unreadable file counts its rows)."""
-        return sum(r[4] for r in self._records)
+        return sum(r[4] for r in self._records.values())
 
     def records(self) -> list[tuple[str, Any, str | None, str, int]]:
-        return list(self._records)
+        return list(self._records.values())
+
+
+@dataclass
+class SplitSource:
+    """One split of a shard root, ready to be read: its layout and what decoding needs."""
+
+    uri: str
+    split: str
+    layout: SplitLayout
+    num_points: int
+    image_size: int
+    image_format: str
+    identities: int
+    on_bad_row: str
+    chunk_rows: int
+    bad_rows: Any  # ActorHandle of BadRowLog
+    manifest: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def chunks(self) -> np.ndarray:
+        return self.layout.chunks(self.chunk_rows)
+
+    def row_bytes(self) -> int:
+        """Decoded size of one row (image, points and the small columns)."""
+        return 3 * self.image_size ** 2 + 12 * self.num_points + 96
+
+    def decoded_bytes(self) -> int:
+        return self.layout.total_rows * self.row_bytes()
+
+    def file_order_windows(self, rows_per_window: int) -> list[np.ndarray]:
+        """Every row in file order: row ranges ``[m, 3]`` (file, start, stop) of about
+        ``rows_per_window`` rows each (whole chunks)."""
+        chunks = self.chunks
+        per = max(1, math.ceil(rows_per_window / self.chunk_rows))
+        return [chunks[a:a + per] for a in range(0, len(chunks), per)]
+
+    def dataset(self, windows: list[np.ndarray], *, drop_invalid: bool, windows_per_task: int = 1,
+                concurrency: int = 0, cpus_per_task: float = 1.0) -> Any:
+        """A Ray Dataset of the decoded rows of ``windows`` (each ``[m, 3]`` row ranges of file,
+        start, stop), in order.
+
+        Each ``map_batches`` task reads and decodes ``windows_per_task`` windows;
+        ``concurrency`` caps the decode tasks in flight (0 = Ray's choice). With ``drop_invalid``
+        bad rows (under ``on_bad_row=skip``) are left out, else they are kept with ``valid`` False.
+        """
+        import ray
+
+        items = [{"w": i, "pieces": np.asarray(w, np.int64).reshape(-1).tolist()} for i, w in enumerate(windows)]
+        ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+        ds.context.execution_options.preserve_order = True  # on the dataset's own context
+        kwargs: dict[str, Any] = {}
+        if concurrency:
+            kwargs["concurrency"] = int(concurrency)
+        ds = ds.map_batches(
+            _decode_windows, batch_size=max(1, windows_per_task), batch_format="numpy", zero_copy_batch=True,
+            num_cpus=cpus_per_task,
+            fn_kwargs=dict(files=list(self.layout.files), offsets=self.layout.offsets,
+                           expected_points=self.num_points, image_size=self.image_size,
+                           image_format=self.image_format, on_bad_row=self.on_bad_row, bad_rows=self.bad_rows,
+                           drop_invalid=drop_invalid),
+            **kwargs,
+        )
+        ds.context.execution_options.preserve_order = True
+        return ds
+
+    def skipped(self) -> int:
+        import ray
+
+        return int(ray.get(self.bad_rows.count.remote()))
+
+
+def _decode_windows(batch: dict[str, np.ndarray], *, files: list[str], offsets: np.ndarray,
+                    expected_points: int, image_size: int, image_format: str, on_bad_row: str, bad_rows: Any,
+                    drop_invalid: bool) -> dict[str, np.ndarray]:
+    """``map_batches`` body: read and decode the row ranges of each window of the batch, in order."""
+    sel = np.concatenate([np.asarray(w, np.int64).reshape(-1, 3) for w in batch["pieces"]])
+    table, fidx, ridx = D.read_chunks(files, sel)
+    gid = offsets[fidx] + ridx
+    out, bad = D.decode_table(table, files=files, file_idx=fidx, row_idx=ridx, gid=gid,
+                              expected_points=expected_points, image_size=image_size, image_format=image_format,
+                              on_bad_row=on_bad_row)
+    if bad:
+        import ray
+
+        ray.get(bad_rows.add.remote(bad))
+        if drop_invalid:
+            out = D.select(out, out["valid"])
+    return out
 
 
 @dataclass
 class ShardDataset:
-    """A split as a Ray Dataset plus what the caller needs around it."""
+    """A split as a Ray Dataset (decoded, file order) plus what the caller needs around it."""
 
     dataset: Any  # ray.data.Dataset
     bad_rows: Any  # ActorHandle of BadRowLog
@@ -68,6 +165,7 @@ class ShardDataset:
     num_classes: int
     num_points: int
     image_size: int
+    source: SplitSource | None = None
 
     def skipped(self) -> int:
         import ray
@@ -78,84 +176,6 @@ class ShardDataset:
         import ray
 
         return ray.get(self.bad_rows.records.remote())
-
-
-def _row_index(path: str, sample_id: str) -> int | str:
-    """Index of ``sample_id`` in the shard ``path`` (read only on the error path)."""
-    try:
-        fs, p = storage.filesystem(path)
-        ids = pq.read_table(p, columns=["sample_id"], filesystem=fs).column(0).to_pylist()
-        return ids.index(sample_id)
-    except Exception:
-        return "?"
-
-
-def _decode_batch(batch: dict[str, np.ndarray], *, expected_points: int, image_size: int, on_bad_row: str,
-                  bad_rows: Any, uri_prefix: str) -> dict[str, np.ndarray]:
-    """Decode a batch of raw shard rows; bad rows raise or are recorded and dropped."""
-    n = len(batch["sample_id"])
-    images = np.zeros((n, 3, image_size, image_size), np.uint8)
-    points = np.zeros((n, expected_points, 3), np.float32)
-    has_points = np.zeros(n, bool)
-    yaw = np.full(n, np.nan, np.float32)
-    pitch = np.full(n, np.nan, np.float32)
-    keep = np.ones(n, bool)
-    bad: list[tuple[str, Any, str | None, str, int]] = []
-    for i in range(n):
-        path = uri_prefix + str(batch["path"][i]) if "path" in batch else "?"
-        sid = str(batch["sample_id"][i])
-        field, reason = None, None
-        try:
-            img = S.decode_image(batch["image"][i])
-            if img.shape[:2] != (image_size, image_size):
-                field, reason = "image", f"is {img.shape[1]}x{img.shape[0]}, expected {image_size}x{image_size}"
-            else:
-                images[i] = img.transpose(2, 0, 1)
-        except ValueError as e:
-            field, reason = "image", str(e)
-        if reason is None:
-            if batch["label"][i] is None or (isinstance(batch["label"][i], float) and np.isnan(batch["label"][i])):
-                field, reason = "label", "null"
-        for name, rng_, out in (("yaw_deg", S.YAW_RANGE, yaw), ("pitch_deg", S.PITCH_RANGE, pitch)):
-            if reason is None:
-                a = batch[name][i]  # null -> NaN (unknown pose)
-                if a is not None and not np.isnan(a):
-                    r = S.check_angle(float(a), rng_, nullable=True)
-                    if r:
-                        field, reason = name, r
-                    out[i] = a
-        if reason is None:
-            p = batch["points"][i]
-            if p is not None:
-                r = S.check_points(p, int(batch["num_points"][i]))
-                if r is None and int(batch["num_points"][i]) != expected_points:
-                    r = f"num_points {int(batch['num_points'][i])}, the data set has {expected_points}"
-                if r:
-                    field, reason = "points", r
-                else:
-                    points[i] = np.asarray(p, np.float32).reshape(expected_points, 3)
-                    has_points[i] = True
-        if reason is not None:
-            row = _row_index(path, sid)
-            if on_bad_row == "error":
-                raise S.ShardError(path, f"{row} (sample_id {sid})", field, reason)
-            bad.append((path, f"{row} (sample_id {sid})", field, reason, 1))
-            keep[i] = False
-    if bad:
-        import ray
-
-        ray.get(bad_rows.add.remote(bad))
-    # images travel as uint8 (4x less to move between processes); collate() normalises them
-    return {
-        "sample_id": np.asarray(batch["sample_id"])[keep],
-        "subject_id": np.asarray(batch["subject_id"])[keep],
-        "label": np.asarray(batch["label"], dtype=np.int64)[keep],
-        "image": images[keep],
-        "yaw_deg": yaw[keep],
-        "pitch_deg": pitch[keep],
-        "points": points[keep],
-        "has_points": has_points[keep],
-    }
 
 
 def augment_batch(batch: dict[str, np.ndarray], rng: np.random.Generator, cfg: AugmentConfig) -> dict[str, np.ndarray]:
@@ -175,11 +195,13 @@ def augment_batch(batch: dict[str, np.ndarray], rng: np.random.Generator, cfg: A
         zoom = 1.0 + rng.uniform(-cfg.scale, cfg.scale, n)
         tx = rng.uniform(-cfg.shift, cfg.shift, n) * w
         ty = rng.uniform(-cfg.shift, cfg.shift, n) * h
-        ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
-        for i in range(n):
-            sx = np.clip(((xs - w / 2 - tx[i]) / zoom[i] + w / 2).round(), 0, w - 1).astype(np.int32)
-            sy = np.clip(((ys - h / 2 - ty[i]) / zoom[i] + h / 2).round(), 0, h - 1).astype(np.int32)
-            img[i] = img[i][:, sy, sx]
+        # nearest-neighbour resampling of the whole batch in one gather: source column of each
+        # output column and source row of each output row, per image
+        xs, ys = np.arange(w, dtype=np.float32)[None, :], np.arange(h, dtype=np.float32)[None, :]
+        sx = np.clip(((xs - w / 2 - tx[:, None]) / zoom[:, None] + w / 2).round(), 0, w - 1).astype(np.intp)
+        sy = np.clip(((ys - h / 2 - ty[:, None]) / zoom[:, None] + h / 2).round(), 0, h - 1).astype(np.intp)
+        img = img[np.arange(n)[:, None, None, None], np.arange(img.shape[1])[None, :, None, None],
+                  sy[:, None, :, None], sx[:, None, None, :]]
     if cfg.color_jitter > 0:
         j = cfg.color_jitter
         x = (img + 1.0) * 0.5
@@ -243,44 +265,39 @@ def _augment_map(batch: dict[str, np.ndarray], *, cfg: AugmentConfig, seed: int 
     return augment_batch(batch, rng, cfg)
 
 
-def check_files(uris: list[str], manifest_rows: dict[str, int], on_bad_row: str, bad_rows: Any) -> list[str]:
-    """Read each shard's Parquet footer; a truncated/corrupt file errors or is skipped (counted)."""
-    good = []
+def check_files(uris: list[str], manifest_rows: dict[str, int], on_bad_row: str, bad_rows: Any
+                ) -> tuple[list[str], list[tuple[int, ...]]]:
+    """Read each shard's Parquet footer; a truncated/corrupt file errors or is skipped (counted).
+
+    Returns the readable files and the row-group sizes of each.
+    """
+    good, groups = [], []
     for uri in uris:
         fs, path = storage.filesystem(uri)
         try:
-            storage.with_retries(uri, lambda: pq.read_metadata(path, filesystem=fs))
+            md = storage.with_retries(uri, lambda: pq.read_metadata(path, filesystem=fs))
             good.append(uri)
+            groups.append(tuple(md.row_group(i).num_rows for i in range(md.num_row_groups)))
+            continue
         except FileNotFoundError:
             reason = "shard listed in manifest.json is missing"
         except (storage.StorageError, OSError, Exception) as e:  # pyarrow raises ArrowInvalid/OSError
             if isinstance(e, storage.StorageError) and "S3 request failed" in str(e):
                 raise
             reason = f"not a readable Parquet file (truncated or corrupt): {e}"
-        else:
-            continue
         if on_bad_row == "error":
             raise S.ShardError(uri, None, None, reason)
         import ray
 
         ray.get(bad_rows.add.remote([(uri, "all", None, reason, int(manifest_rows.get(uri, 0)))]))
-    return good
+    return good, groups
 
 
-def build_dataset(uri: str, split: str, cfg: DataConfig, *, training: bool = False, augment: bool | None = None,
-                  seed: int | None = None, shuffle_seed: int | None = None) -> ShardDataset:
-    """A split of the shard root ``uri`` as a decoded Ray Dataset.
+def open_split(uri: str, split: str, cfg: DataConfig) -> SplitSource:
+    """The split ``split`` of the shard root ``uri``: manifest, readable files, their layout.
 
-    Args:
-        uri: shard root (folder, ``file://`` or ``s3://``).
-        split: ``train``, ``val`` or ``test``.
-        cfg: the data section of the config (bad-row policy, batch sizes, augmentation).
-        training: shuffle file order and (unless ``augment=False``) augment.
-        augment: override whether to augment (default: ``training and cfg.augment.enabled``).
-        seed: makes augmentation deterministic in (seed, rows); None draws fresh randomness on
-            every execution, i.e. every epoch.
-        shuffle_seed: seeds the file order of a training read (a new, deterministic order each
-            epoch); None = a random order.
+    Raises:
+        ShardError: no manifest, no such split, an unreadable shard (``on_bad_row=error``) or none left.
     """
     import ray
 
@@ -288,32 +305,40 @@ def build_dataset(uri: str, split: str, cfg: DataConfig, *, training: bool = Fal
     uris = S.shard_uris(uri, split, man)
     if not uris:
         raise S.ShardError(storage.join(uri, "manifest.json"), None, "splits", f"split {split!r} has no shards")
+    fmt = S.image_format(man)
     rows_of = {storage.join(uri, e["path"]): int(e["rows"]) for e in man["splits"][split]["shards"]}
     bad_rows = ray.remote(num_cpus=0)(BadRowLog).remote()
-    uris = check_files(uris, rows_of, cfg.on_bad_row, bad_rows)
+    uris, groups = check_files(uris, rows_of, cfg.on_bad_row, bad_rows)
     if not uris:
         raise S.ShardError(uri, None, None, f"split {split!r}: no readable shard left")
-    fs, _ = storage.filesystem(uris[0])
-    paths = [storage.filesystem(u)[1] for u in uris]
-    # Ray reports paths without the scheme; put it back so errors show the URI the user gave
-    prefix = "s3://" if uri.startswith("s3://") else ""
-    shuffle = None
-    if training and cfg.shuffle_blocks:
-        shuffle = ray.data.FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else "files"
-    ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=True, shuffle=shuffle) \
-        .select_columns(READ_COLUMNS + ["path"])
-    num_points = int(man.get("num_points") or 0)
-    image_size = int(man.get("image_size") or 112)
-    ds = ds.map_batches(
-        _decode_batch, batch_size=cfg.decode_batch_size, batch_format="numpy", zero_copy_batch=False,
-        fn_kwargs=dict(expected_points=num_points, image_size=image_size, on_bad_row=cfg.on_bad_row,
-                       bad_rows=bad_rows, uri_prefix=prefix),
-    )
+    return SplitSource(uri=uri, split=split, layout=SplitLayout(tuple(uris), tuple(groups)),
+                       num_points=int(man.get("num_points") or 0), image_size=int(man.get("image_size") or 112),
+                       image_format=fmt, identities=int(man["splits"][split].get("identities") or 0),
+                       on_bad_row=cfg.on_bad_row, chunk_rows=cfg.chunk_rows, bad_rows=bad_rows, manifest=man)
+
+
+def build_dataset(uri: str, split: str, cfg: DataConfig, *, training: bool = False, augment: bool | None = None,
+                  seed: int | None = None) -> ShardDataset:
+    """A split of the shard root ``uri`` as a decoded Ray Dataset, in file order.
+
+    Args:
+        uri: shard root (folder, ``file://`` or ``s3://``).
+        split: ``train``, ``val`` or ``test``.
+        cfg: the data section of the config (bad-row policy, decode batch size, augmentation).
+        training: augment (unless ``augment=False``); training itself reads through
+            :mod:`posefr_dist.data.loader`, which plans the order.
+        augment: override whether to augment (default: ``training and cfg.augment.enabled``).
+        seed: makes augmentation deterministic in (seed, rows); None draws fresh randomness on
+            every execution.
+    """
+    src = open_split(uri, split, cfg)
+    ds = src.dataset(src.file_order_windows(cfg.decode_batch_size), drop_invalid=True,
+                     concurrency=cfg.decode_concurrency)
+    ds = ds.drop_columns(["gid", "valid"])
     if (training if augment is None else augment) and cfg.augment.enabled:
         ds = ds.map_batches(_augment_map, batch_size=cfg.decode_batch_size, batch_format="numpy",
                             fn_kwargs=dict(cfg=cfg.augment, seed=seed))
-    identities = int(man["splits"][split].get("identities") or 0)
-    return ShardDataset(ds, bad_rows, man, split, identities, num_points, image_size)
+    return ShardDataset(ds, src.bad_rows, src.manifest, split, src.identities, src.num_points, src.image_size, src)
 
 
 def collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -344,10 +369,7 @@ def _collate_fn():
 
 def iter_epoch(ds: Any, batch_size: int, *, epoch: int = 0, seed: int = 0, shuffle_buffer: int = 0,
                drop_last: bool = False) -> Iterator[dict[str, Any]]:
-    """Iterate one epoch of a Dataset (or a Ray Train dataset shard) as torch batches.
-
-    The local shuffle is seeded by (seed, epoch), so each epoch has its own order.
-    """
+    """Iterate a Dataset as torch batches (with an optional local shuffle seeded by (seed, epoch))."""
     kwargs: dict[str, Any] = dict(batch_size=batch_size, collate_fn=_collate_fn(), drop_last=drop_last)
     if shuffle_buffer > 0:
         kwargs.update(local_shuffle_buffer_size=shuffle_buffer, local_shuffle_seed=seed * 1000003 + epoch)

@@ -1,7 +1,7 @@
 """The per-worker training loop run by Ray Train (``train_loop_per_worker``).
 
 Each worker builds the model, wraps it in a DeepSpeed engine, streams its share of the train split
-(Ray Train's ``get_dataset_shard``), and at every epoch end (and every ``val_every_steps``)
+(its planned batches from ``posefr_dist.data.loader``), and at every epoch end (and every ``val_every_steps``)
 validates the 2D branch on the val split with the exact pose-binned protocol, saves a checkpoint
 and reports both with ``ray.train.report``. A restarted worker group resumes from the last reported
 checkpoint; an explicit ``resume_from`` does the same from any checkpoint.
@@ -9,6 +9,7 @@ checkpoint; an explicit ``resume_from`` does the same from any checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -21,7 +22,8 @@ import numpy as np
 import torch
 
 from posefr_dist.config import Config
-from posefr_dist.data.pipeline import augment_batch, iter_epoch
+from posefr_dist.data.loader import RankBatches, iter_split, plan_for
+from posefr_dist.data.pipeline import collate
 
 log = logging.getLogger("posefr.train")
 
@@ -250,7 +252,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             log.info("2D trunk from %s (%s layout): %d tensors loaded, %d file keys skipped", cfg.model.pretrained_2d,
                      loaded["format"], len(loaded["loaded"]), len(loaded["skipped"]))
     base_lambda_je = float(model.lambda_je)
-    rows_per_worker = meta_in["train_rows"] // world
+    data = config["data"]
+    train_h, val_h = data["train"], data["val"]
+    # the same number of steps every epoch: the smallest epoch's share (chunk sizes differ a little)
+    rows_per_worker = min(plan_for(train_h.source, cfg.data, seed=tc.seed, epoch=e, world=world).rows_per_rank
+                          for e in range(tc.epochs))
     micro_per_epoch = rows_per_worker // cfg.data.batch_size
     steps_per_epoch = micro_per_epoch // tc.grad_accum
     if tc.max_steps_per_epoch:
@@ -289,15 +295,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     metrics = TrainingMetrics()
     server = start_training_exporter(metrics, tc.metrics_port) if (rank == 0 and tc.metrics_port) else None
     chaos = _Chaos(tc.chaos_kill_at, os.path.join(config.get("chaos_dir") or tempfile.gettempdir(), "chaos-fired"))
-    train_it = ray.train.get_dataset_shard("train")
-    val_it = ray.train.get_dataset_shard("val")
+    trace = None
+    if cfg.data.trace_dir:
+        os.makedirs(cfg.data.trace_dir, exist_ok=True)
+        trace = open(os.path.join(cfg.data.trace_dir, f"rank{rank}.jsonl"), "a")
     zero3 = tc.zero_stage == 3
     t_run = time.perf_counter()
 
     def checkpoint_and_report(epoch: int, step_in_epoch: int, end_of_epoch: bool, epoch_stats: dict[str, float]):
         emb = None
         if rank == 0 or zero3:  # under ZeRO-3 every rank takes part in each forward
-            emb = embed_split(engine.module, iter_epoch(val_it, cfg.eval.batch_size), device, dtype)
+            emb = embed_split(engine.module, (collate(b) for b in iter_split(val_h, cfg.data, cfg.eval.batch_size)),
+                              device, dtype)
         report: dict[str, Any] = dict(epoch_stats)
         if rank == 0 and emb is not None:
             report.update(validate(cfg, emb))
@@ -337,9 +346,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics.epoch.set(epoch)
         sums = {k: 0.0 for k in LOSS_TERMS}
         seen, wait, t_epoch = 0, 0.0, time.perf_counter()
-        it = iter(iter_epoch(train_it, cfg.data.batch_size, epoch=epoch, seed=tc.seed,
-                             shuffle_buffer=cfg.data.shuffle_buffer, drop_last=True))
-        micro, step_in_epoch = 0, 0
+        # the planned batches of this rank, from where a resumed run left off (nothing skipped is read)
+        start = skip_batches if epoch == start_epoch else 0
+        loader = RankBatches(train_h, cfg.data, seed=tc.seed, epoch=epoch, rank=rank, world=world,
+                             batch_size=cfg.data.batch_size, start=start, augment=cfg.data.augment,
+                             pin_memory=tc.use_gpu)
+        it = iter(loader)
+        micro, step_in_epoch = start, start // tc.grad_accum
         while step_in_epoch < steps_per_epoch:
             t0 = time.perf_counter()
             try:
@@ -348,17 +361,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 break
             wait += time.perf_counter() - t0
             micro += 1
-            if epoch == start_epoch and micro <= skip_batches:
-                if micro % tc.grad_accum == 0:
-                    step_in_epoch += 1
-                continue  # already trained on before the checkpoint this run resumed from
             chaos.maybe_die(epoch, step_in_epoch, rank)
-            if cfg.data.augment.enabled:
-                rng = np.random.default_rng([tc.seed, epoch, rank, micro])
-                keys = ("image", "yaw_deg", "points")
-                aug = augment_batch({k: batch[k].numpy() for k in keys}, rng, cfg.data.augment)
-                batch = {**batch, **{k: torch.from_numpy(aug[k]) for k in keys}}
-            inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            if trace is not None:
+                trace.write(json.dumps({"epoch": epoch, "batch": micro - 1, "gid": batch["gid"].tolist()}) + "\n")
+                trace.flush()
+            inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "gid"}
             inputs["image"] = inputs["image"].to(dtype)
             inputs["points"] = inputs["points"].to(dtype)
             out = engine(inputs)
@@ -397,11 +404,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 checkpoint_and_report(epoch, step_in_epoch, False, _epoch_stats(sums, seen, world, wait, t_epoch,
                                                                                  scheduler, tc))
                 freeze.apply_eval()  # validation put the whole model back in training mode
+        loader.close()
         stats = _epoch_stats(sums, seen, world, wait, t_epoch, scheduler, tc)
         metrics.data_wait.set(stats["data_wait_fraction"])
         checkpoint_and_report(epoch, step_in_epoch, True, stats)
     if server is not None:
         server.shutdown()
+    if trace is not None:
+        trace.close()
     if rank == 0:
         log.info("training finished in %.1fs", time.perf_counter() - t_run)
 

@@ -132,7 +132,7 @@ def worker_config(cfg: Config) -> dict[str, Any]:
     """The config the workers get: local paths the workers open themselves made absolute, since a
     worker's working directory is not the driver's."""
     tree = to_dict(cfg)
-    for section, key in (("model", "pretrained_2d"), ("train", "resume_from")):
+    for section, key in (("model", "pretrained_2d"), ("train", "resume_from"), ("data", "trace_dir")):
         uri = tree[section][key]
         if uri:
             tree[section][key] = storage.local_path(uri) or uri
@@ -144,24 +144,20 @@ def run_uri(cfg: Config) -> str:
 
 
 def build_trainer(cfg: Config, meta: dict[str, Any], callbacks: list | None = None):
-    """The ``TorchTrainer`` for ``cfg`` and its (train, val) :class:`ShardDataset` pair.
+    """The ``TorchTrainer`` for ``cfg`` and its (train, val) :class:`SplitSource` pair.
 
     ``callbacks`` are extra Ray Train ``UserCallback`` objects (e.g. Tune's report forwarding).
     """
     import ray.train
-    from ray.data import ExecutionOptions
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from posefr_dist.data.pipeline import build_dataset
+    from posefr_dist.data.loader import prepare
     from posefr_dist.train.loop import train_loop_per_worker
 
     tc = cfg.train
-    # augmentation runs in the workers, seeded by (seed, epoch, rank, batch): see loop.py.
-    # Deterministic runs keep the file order fixed (Ray reseeds a file shuffle per execution, which
-    # a resumed run cannot replay) and shuffle within the per-epoch seeded local buffer.
-    data_cfg = dataclasses.replace(cfg.data, shuffle_blocks=cfg.data.shuffle_blocks and not tc.deterministic)
-    train_ds = build_dataset(cfg.data.uri, "train", data_cfg, training=True, augment=False)
-    val_ds = build_dataset(cfg.data.uri, "val", cfg.data, training=False)
+    # decoded once here when data.cache allows; every worker then reads its planned batches (a
+    # function of seed, epoch and world size) from the cache or its own stream: see data/loader.py
+    handles = prepare(cfg.data.uri, cfg.data)
     resources = {"CPU": tc.cpus_per_worker}
     if tc.use_gpu:
         resources["GPU"] = tc.gpus_per_worker
@@ -171,7 +167,7 @@ def build_trainer(cfg: Config, meta: dict[str, Any], callbacks: list | None = No
     chaos_dir = os.path.join(local, tc.run_name) if local else None
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": worker_config(cfg), "meta": meta, "chaos_dir": chaos_dir},
+        train_loop_config={"cfg": worker_config(cfg), "meta": meta, "chaos_dir": chaos_dir, "data": handles},
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=tc.use_gpu,
                                                resources_per_worker=resources),
@@ -186,12 +182,7 @@ def build_trainer(cfg: Config, meta: dict[str, Any], callbacks: list | None = No
             callbacks=[_history_callback(storage.join(tc.storage_path, tc.run_name), tc.storage_path),
                        *(callbacks or [])],
         ),
-        datasets={"train": train_ds.dataset, "val": val_ds.dataset},
-        dataset_config=ray.train.DataConfig(
-            datasets_to_split=["train"],
-            execution_options=ExecutionOptions(preserve_order=tc.deterministic),
-        ),
-    ), (train_ds, val_ds)
+    ), (handles["train"].source, handles["val"].source)
 
 
 def _checkpoint_uri(cfg: Config, ckpt: Any) -> str:

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
-from typing import Any, Callable
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+# shared with the subcommands that also run alone (eval.nightly, tune.cli); still importable from here
+from posefr_dist.cliutil import EXIT_ERROR, EXIT_OK, EXIT_USAGE, base_parser, comma_floats, run  # noqa: F401
 
 log = logging.getLogger("posefr")
 
@@ -137,14 +136,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 # embed / verify / evaluate
 # --------------------------------------------------------------------------------------------
-
-
-def comma_floats(text: str) -> list[float]:
-    """argparse type: ``"0.01,0.001"`` -> ``[0.01, 0.001]``."""
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _print_table(report: dict) -> None:
@@ -276,13 +267,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def base_parser(description: str | None = None) -> tuple[argparse.ArgumentParser, Any]:
-    """The ``posefr`` parser with its global options, and its sub-command group."""
-    p = argparse.ArgumentParser(prog="posefr", description=description)
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    return p, p.add_subparsers(dest="command", required=True)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p, sub = base_parser("Pose-robust 2D-3D face recognition on Ray.")
 
@@ -391,25 +375,6 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("overrides", nargs="*", help="key=value overrides, e.g. synth.identities=100 train.epochs=2")
     d.set_defaults(func=cmd_demo)
     return p
-
-
-def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
-    """Parse ``argv``, set up logging and run the chosen command. Known errors (bad config, shard,
-    storage, missing file, runtime and value errors) become one line on stderr and exit 1."""
-    from posefr_dist.config import ConfigError
-    from posefr_dist.data.shards import ShardError
-    from posefr_dist.storage import StorageError
-
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    func: Callable[[argparse.Namespace], int] = args.func
-    try:
-        return func(args)
-    except (ConfigError, ShardError, StorageError, FileNotFoundError, RuntimeError, ValueError) as e:
-        print(f"posefr {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
 
 
 def main(argv: list[str] | None = None) -> int:

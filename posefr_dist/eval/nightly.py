@@ -40,6 +40,10 @@ Idempotence
 
 Exit codes: 0 no regression; 1 error (including a failed push); 2 usage; 3 regression (one
 ``posefr nightly: regression: ...`` line per bin and FAR on stderr; wins over a failed push).
+
+Code: ``nightly_history`` (the registry and the history layout), ``nightly_gate`` (comparisons, the
+gate, the Prometheus figures) and this module (evaluating, writing and the run, the command line);
+the public names of all three are importable from here.
 """
 
 from __future__ import annotations
@@ -49,7 +53,6 @@ import datetime as dt
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -57,291 +60,32 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from posefr_dist import storage
+from posefr_dist.eval.nightly_gate import (DROP_EPS, PREVIOUS_MODEL, PREVIOUS_NIGHT, Baseline, ModelNight,
+                                           _compare, _protocol_mismatch, compare_reports, find_baselines,
+                                           nightly_registry, regression_message)
+from posefr_dist.eval.nightly_history import (CONFIG_FILE, EXPORT_FORMAT, REGISTRY_FILE, REPORT_FILE, NightlyError,
+                                              RegisteredModel, _read_json, check_date, history_index, list_models,
+                                              night_uri, parse_time)
+
+__all__ = [
+    "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_REGRESSION", "PUSH_JOB", "REGISTRY_FILE", "CONFIG_FILE",
+    "REPORT_FILE", "MARKDOWN_FILE", "METRICS_FILE", "SUMMARY_FILE", "PLOT_FILES", "EXPORT_FORMAT",
+    "DEFAULT_MAX_DROP", "PREVIOUS_NIGHT", "PREVIOUS_MODEL", "DROP_EPS",
+    "NightlyError", "RegisteredModel", "parse_time", "list_models", "check_date", "night_uri", "history_index",
+    "Baseline", "find_baselines", "compare_reports", "ModelNight", "regression_message", "nightly_registry",
+    "NightlyResult", "today_utc", "run_nightly", "cmd_nightly", "add_nightly_parser", "main",
+]
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REGRESSION = 0, 1, 2, 3
 
 PUSH_JOB = "posefr_nightly"
-REGISTRY_FILE = "registry.json"
-CONFIG_FILE = "config.json"
-REPORT_FILE = "report.json"
 MARKDOWN_FILE = "report.md"
 METRICS_FILE = "metrics.prom"
 SUMMARY_FILE = "summary.json"
 PLOT_FILES = ("roc.png", "tar_vs_yaw.png")
-EXPORT_FORMAT = "posefr-2d"
 DEFAULT_MAX_DROP = 0.01
-PREVIOUS_NIGHT, PREVIOUS_MODEL = "previous-night", "previous-model"
-#: a drop must exceed max_drop by more than this to count (float noise in stored figures)
-DROP_EPS = 1e-12
-
-_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-
-
-class NightlyError(ValueError):
-    """Bad registry, history or arguments; the message names the URI and the field."""
-
-
-# --------------------------------------------------------------------------------------------
-# the model registry
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RegisteredModel:
-    name: str
-    uri: str
-    created: dt.datetime  # timezone-aware, UTC
-    created_from: str  # where the creation time came from
-
-    @property
-    def created_iso(self) -> str:
-        return _iso(self.created)
-
-
-def _iso(t: dt.datetime) -> str:
-    return t.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
-
-
-def parse_time(value: Any, where: str) -> dt.datetime:
-    """An ISO 8601 string (no offset = UTC) or Unix seconds -> an aware UTC datetime."""
-    if isinstance(value, bool):
-        raise NightlyError(f"{where}: expected an ISO 8601 time or Unix seconds, got {value!r}")
-    if isinstance(value, (int, float)):
-        try:
-            return dt.datetime.fromtimestamp(float(value), tz=dt.timezone.utc)
-        except (OverflowError, OSError, ValueError) as e:
-            raise NightlyError(f"{where}: {value!r} is not a valid Unix time ({e})") from None
-    if isinstance(value, str):
-        try:
-            t = dt.datetime.fromisoformat(value.strip())
-        except ValueError:
-            raise NightlyError(f"{where}: {value!r} is not an ISO 8601 time (e.g. 2026-01-02T03:04:05Z)") from None
-        if t.tzinfo is None:
-            t = t.replace(tzinfo=dt.timezone.utc)
-        return t.astimezone(dt.timezone.utc)
-    raise NightlyError(f"{where}: expected an ISO 8601 time or Unix seconds, got {value!r}")
-
-
-def _read_json(uri: str) -> Any:
-    text = storage.read_text(uri)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise NightlyError(f"{uri}: not valid JSON ({e})") from None
-
-
-def _mtime(uri: str) -> dt.datetime:
-    loc = storage.resolve(uri)
-    info = storage.with_retries(uri, lambda: loc.fs.get_file_info(loc.path))
-    if info.mtime is None:
-        raise NightlyError(f"{uri}: the store reports no modification time; set `created` in it")
-    t = info.mtime
-    return t.replace(tzinfo=dt.timezone.utc) if t.tzinfo is None else t.astimezone(dt.timezone.utc)
-
-
-def _registry_times(models_uri: str) -> dict[str, Any]:
-    uri = storage.join(models_uri, REGISTRY_FILE)
-    if not storage.exists(uri):
-        return {}
-    doc = _read_json(uri)
-    entries = doc.get("models") if isinstance(doc, dict) else None
-    if not isinstance(entries, dict):
-        raise NightlyError(f'{uri}: expected {{"models": {{"<name>": {{"created_at": ...}}}}}}')
-    out = {}
-    for name, entry in entries.items():
-        if not isinstance(entry, dict) or "created_at" not in entry:
-            raise NightlyError(f"{uri}: models.{name}: no created_at")
-        out[name] = entry["created_at"]
-    return out
-
-
-def list_models(models_uri: str) -> list[RegisteredModel]:
-    """The models of the registry, oldest first (creation time, then name)."""
-    prefix = models_uri.rstrip("/")
-    registry = None
-    found: list[RegisteredModel] = []
-    for uri in storage.list_files(models_uri, CONFIG_FILE):
-        rel = uri[len(prefix):].lstrip("/").replace(os.sep, "/").split("/")
-        if len(rel) != 2 or rel[1] != CONFIG_FILE:
-            continue
-        name = rel[0]
-        conf = _read_json(uri)
-        if not isinstance(conf, dict) or conf.get("format") != EXPORT_FORMAT:
-            log.warning("%s: not a %s export; not a model of the registry", uri, EXPORT_FORMAT)
-            continue
-        if conf.get("created") is not None:
-            created, source = parse_time(conf["created"], f"{uri}: created"), f"{CONFIG_FILE} created"
-        else:
-            if registry is None:
-                registry = _registry_times(models_uri)
-            if name in registry:
-                where = f"{storage.join(models_uri, REGISTRY_FILE)}: models.{name}.created_at"
-                created, source = parse_time(registry[name], where), f"{REGISTRY_FILE} created_at"
-            else:
-                created, source = _mtime(uri), f"{CONFIG_FILE} modification time"
-        found.append(RegisteredModel(name, storage.join(models_uri, name), created, source))
-    found.sort(key=lambda m: (m.created, m.name))
-    return found
-
-
-# --------------------------------------------------------------------------------------------
-# the history
-# --------------------------------------------------------------------------------------------
-
-
-def check_date(text: str) -> str:
-    if not _DATE_RE.match(text or ""):
-        raise NightlyError(f"--date {text!r}: expected YYYY-MM-DD")
-    try:
-        dt.date.fromisoformat(text)
-    except ValueError:
-        raise NightlyError(f"--date {text!r}: not a calendar date") from None
-    return text
-
-
-def night_uri(history_uri: str, date: str, model: str) -> str:
-    return storage.join(history_uri, date, model)
-
-
-def history_index(history_uri: str) -> dict[str, list[str]]:
-    """model -> sorted dates of the nights that hold a finished report of it."""
-    prefix = history_uri.rstrip("/")
-    index: dict[str, list[str]] = {}
-    for uri in storage.list_files(history_uri, REPORT_FILE):
-        rel = uri[len(prefix):].lstrip("/").replace(os.sep, "/").split("/")
-        if len(rel) == 3 and rel[2] == REPORT_FILE and _DATE_RE.match(rel[0]):
-            index.setdefault(rel[1], []).append(rel[0])
-    for dates in index.values():
-        dates.sort()
-    return index
-
-
-# --------------------------------------------------------------------------------------------
-# comparisons
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Baseline:
-    kind: str  # PREVIOUS_NIGHT or PREVIOUS_MODEL
-    model: str
-    date: str
-
-
-def find_baselines(model: RegisteredModel, date: str, registry: Sequence[RegisteredModel],
-                   index: dict[str, list[str]]) -> list[Baseline]:
-    """The reports ``model``'s report of night ``date`` is compared with (see the module doc)."""
-    out = []
-    earlier = [d for d in index.get(model.name, []) if d < date]
-    if earlier:
-        out.append(Baseline(PREVIOUS_NIGHT, model.name, earlier[-1]))
-    older = [m for m in registry if (m.created, m.name) < (model.created, model.name)]
-    for prev in reversed(older):
-        nights = [d for d in index.get(prev.name, []) if d <= date]
-        if nights:
-            out.append(Baseline(PREVIOUS_MODEL, prev.name, nights[-1]))
-            break
-    return out
-
-
-def compare_reports(new: dict, old: dict, max_drop: float) -> list[dict[str, Any]]:
-    """One row per bin x FAR with a TAR in both reports: before, after, drop, regression."""
-    rows = []
-    old_bins = old.get("bins") or {}
-    for bin_name, b in (new.get("bins") or {}).items():
-        ob = old_bins.get(bin_name)
-        if ob is None:
-            continue
-        old_tars = ob.get("tar_at_far") or {}
-        for far, after in (b.get("tar_at_far") or {}).items():
-            before = old_tars.get(far)
-            if before is None or after is None:
-                continue
-            drop = float(before) - float(after)
-            rows.append({"bin": bin_name, "far": far, "before": float(before), "after": float(after),
-                         "drop": drop, "regression": drop > max_drop + DROP_EPS})
-    return rows
-
-
-def _protocol_mismatch(new: dict, old: dict) -> str | None:
-    a, b = new.get("nightly") or {}, old.get("nightly") or {}
-    for key in ("data", "split"):
-        if key in a and key in b and a[key] != b[key]:
-            return f"{key} differs ({b[key]!r} then, {a[key]!r} now)"
-    return None
-
-
-@dataclass
-class ModelNight:
-    model: RegisteredModel
-    date: str
-    uri: str
-    evaluated: bool  # evaluated by this run (False: the night's report already existed)
-    report: dict
-    comparisons: list[dict[str, Any]] = field(default_factory=list)
-    skipped: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def regressions(self) -> list[dict[str, Any]]:
-        return [c for c in self.comparisons if c["regression"]]
-
-    def summary(self) -> dict[str, Any]:
-        return {"uri": self.model.uri, "created": self.model.created_iso, "created_from": self.model.created_from,
-                "report": f"{self.model.name}/{REPORT_FILE}", "comparisons": self.comparisons,
-                "not_compared": self.skipped, "regression_count": len(self.regressions)}
-
-
-def regression_message(night: ModelNight, c: dict[str, Any], max_drop: float) -> str:
-    against = ("its report of the previous night" if c["against"] == PREVIOUS_NIGHT
-               else f"previous model {c['against_model']}")
-    return (f"model {night.model.name}, bin {c['bin']}, FAR {c['far']}: TAR {c['before']:.4f} -> {c['after']:.4f} "
-            f"(drop {c['drop']:.4f} > max {max_drop:g}) against {against} (night {c['against_date']})")
-
-
-def _compare(night: ModelNight, registry: Sequence[RegisteredModel], index: dict[str, list[str]],
-             history_uri: str, max_drop: float) -> None:
-    night.comparisons, night.skipped = [], []
-    for base in find_baselines(night.model, night.date, registry, index):
-        old_uri = storage.join(night_uri(history_uri, base.date, base.model), REPORT_FILE)
-        old = _read_json(old_uri)
-        why = _protocol_mismatch(night.report, old)
-        if why:
-            night.skipped.append({"against": base.kind, "against_model": base.model, "against_date": base.date,
-                                  "reason": why})
-            continue
-        for row in compare_reports(night.report, old, max_drop):
-            night.comparisons.append({"against": base.kind, "against_model": base.model,
-                                      "against_date": base.date, **row})
-
-
-# --------------------------------------------------------------------------------------------
-# metrics
-# --------------------------------------------------------------------------------------------
-
-
-def nightly_registry(night: ModelNight):
-    """The night's figures of one model: ``posefr_tar{model,bin,far}`` etc. (see
-    :func:`posefr_dist.metrics.verification_registry`) plus the nightly gauges."""
-    from prometheus_client import Gauge
-
-    from posefr_dist.metrics import verification_registry
-
-    name = night.model.name
-    r = verification_registry(night.report, {"model": name})
-    Gauge("posefr_nightly_regressions", "TAR drops beyond --max-drop (bins x FARs x baselines)", ["model"],
-          registry=r).labels(model=name).set(len(night.regressions))
-    midnight = dt.datetime.combine(dt.date.fromisoformat(night.date), dt.time(), dt.timezone.utc)
-    Gauge("posefr_nightly_date_timestamp_seconds", "The night (00:00 UTC) these figures belong to", ["model"],
-          registry=r).labels(model=name).set(midnight.timestamp())
-    Gauge("posefr_model_created_timestamp_seconds", "Creation time of the model", ["model"],
-          registry=r).labels(model=name).set(night.model.created.timestamp())
-    drop = Gauge("posefr_nightly_tar_drop", "TAR of the baseline minus TAR now, per bin and FAR",
-                 ["model", "against", "bin", "far"], registry=r)
-    for c in night.comparisons:
-        drop.labels(model=name, against=c["against"], bin=c["bin"], far=c["far"]).set(c["drop"])
-    return r
 
 
 # --------------------------------------------------------------------------------------------
@@ -553,7 +297,7 @@ def cmd_nightly(args: argparse.Namespace) -> int:
 
 def add_nightly_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``posefr nightly`` on ``subparsers``; its ``func`` returns the exit code."""
-    from posefr_dist.cli import comma_floats
+    from posefr_dist.cliutil import comma_floats
 
     fars_default, edges_default = "0.1,0.01,0.001,0.0001", "0,30,60,90"
     p = subparsers.add_parser(
@@ -584,7 +328,7 @@ def add_nightly_parser(subparsers: Any) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """``posefr nightly ...`` on its own (what ``jobs/nightly.py`` runs); same errors and exit
     codes as the ``posefr`` command."""
-    from posefr_dist.cli import base_parser, run
+    from posefr_dist.cliutil import base_parser, run
 
     parser, sub = base_parser()
     add_nightly_parser(sub)

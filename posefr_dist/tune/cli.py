@@ -59,7 +59,7 @@ def add_tune_parser(subparsers) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """``posefr tune`` on its own (what ``jobs/tune.py`` runs); same errors and exit codes as the
     ``posefr`` command."""
-    from posefr_dist.cli import base_parser, run
+    from posefr_dist.cliutil import base_parser, run
 
     parser, sub = base_parser()
     add_tune_parser(sub)

@@ -17,6 +17,7 @@ from typing import Any
 
 from posefr_dist import storage
 from posefr_dist.config import Config, dump_config
+from posefr_dist.tune.common import TuneOutcome, runs_uri
 from posefr_dist.tune.space import apply_params, parse_spec
 
 #: trial statuses, in the order the table lists equal objectives
@@ -56,8 +57,6 @@ def _kept_checkpoint(df: Any, values: Any, best: float) -> str | None:
 def trial_rows(grid: Any, cfg: Config, exp_uri: str) -> list[dict[str, Any]]:
     """One row per trial of a ``ResultGrid``: status, the objective (best and last report),
     completed epochs, the sampled values, and where its run and best checkpoint are."""
-    from posefr_dist.tune.search import runs_uri
-
     metric, mode = cfg.tune.metric, cfg.tune.mode
     statuses: dict[str, str] = {}
     analysis = getattr(grid, "_experiment_analysis", None)
@@ -263,10 +262,8 @@ def write_outputs(rows: list[dict[str, Any]], cfg: Config, exp_uri: str, wall_s:
     return outputs, summary
 
 
-def write_results(grid: Any, cfg: Config, exp_uri: str, wall_s: float = 0.0):
+def write_results(grid: Any, cfg: Config, exp_uri: str, wall_s: float = 0.0) -> TuneOutcome:
     """Rows from a ``ResultGrid`` plus :func:`write_outputs`; returns a ``TuneOutcome``."""
-    from posefr_dist.tune.search import TuneOutcome
-
     rows = trial_rows(grid, cfg, exp_uri)
     outputs, summary = write_outputs(rows, cfg, exp_uri, wall_s)
     return TuneOutcome(exp_uri, rows, summary["best"], outputs, summary["interrupted"], wall_s)

@@ -302,13 +302,43 @@ def test_options_and_inputs_are_validated():
 
 
 def test_use_ray_without_ray_is_a_clear_error():
-    import ray
+    """use_ray=True in a process where Ray was never started: a clear error, and the library does
+    not start Ray itself. Run in a fresh interpreter: the suite's own Ray (ray_local, session
+    scoped) is up whenever an earlier test used it, which used to make this test skip."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    if ray.is_initialized():
-        pytest.skip("Ray already running in this session")
-    emb, subj, yaw, enr = synthetic(seed=13)
-    with pytest.raises(RuntimeError, match="ray.init"):
-        verify_embeddings(from_arrays(emb, subj, yaw, enr), use_ray=True)
+    code = """
+import numpy as np, pyarrow as pa, ray
+from posefr_dist.eval import from_arrays, verify_embeddings, verify_source
+assert not ray.is_initialized()
+rng = np.random.default_rng(13)
+emb = rng.normal(size=(20, 4)).astype(np.float32)
+subj = np.repeat(np.arange(5), 4).astype(str)
+enr = np.zeros(20, dtype=bool)
+enr[::4] = True
+for call in (lambda: verify_embeddings(from_arrays(emb, subj, np.zeros(20), enr), use_ray=True),
+             lambda: verify_source(pa.table({}), use_ray=True)):
+    try:
+        call()
+    except RuntimeError as e:
+        print("error:", e)
+    else:
+        print("no error")
+print("ray started:", ray.is_initialized())
+"""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env["PYTHONPATH"] = os.pathsep.join([str(root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, cwd=root)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 3, r.stdout
+    for line in lines[:2]:
+        assert line.startswith("error: use_ray=True but Ray is not initialised: call ray.init()"), line
+    assert lines[2] == "ray started: False"
 
 
 # --------------------------------------------------------------------------------------------

@@ -55,6 +55,8 @@ def _parquet_file(uri: str) -> pq.ParquetFile:
         pf = storage.with_retries(uri, lambda: pq.ParquetFile(fs.open_input_file(path)))
     except FileNotFoundError:
         raise S.ShardError(uri, None, None, "shard listed in manifest.json is missing") from None
+    except storage.StorageError:  # an unreachable endpoint, refused credentials, no bucket: as they are
+        raise
     except (pa.ArrowInvalid, OSError) as e:
         raise S.ShardError(uri, None, None, f"not a readable Parquet file (truncated or corrupt): {e}") from None
     with _FILES_LOCK:
@@ -79,6 +81,8 @@ def read_rows(uri: str, start: int, stop: int, columns: list[str] = READ_COLUMNS
         raise S.ShardError(uri, f"{start}-{stop}", None, f"the file has {pos} rows")
     try:
         t = storage.with_retries(uri, lambda: pf.read_row_groups(groups, columns=columns))
+    except storage.StorageError:
+        raise
     except (pa.ArrowInvalid, OSError) as e:
         raise S.ShardError(uri, None, None, f"not a readable Parquet file (truncated or corrupt): {e}") from None
     return t.slice(start - first, stop - start)

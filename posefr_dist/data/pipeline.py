@@ -282,8 +282,8 @@ def check_files(uris: list[str], manifest_rows: dict[str, int], on_bad_row: str,
         except FileNotFoundError:
             reason = "shard listed in manifest.json is missing"
         except (storage.StorageError, OSError, Exception) as e:  # pyarrow raises ArrowInvalid/OSError
-            if isinstance(e, storage.StorageError) and "S3 request failed" in str(e):
-                raise
+            if isinstance(e, storage.StorageError) and (e.cause is not None or "S3 request failed" in str(e)):
+                raise  # the storage is unreachable or refuses us: not a bad shard
             reason = f"not a readable Parquet file (truncated or corrupt): {e}"
         if on_bad_row == "error":
             raise S.ShardError(uri, None, None, reason)

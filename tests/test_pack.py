@@ -66,19 +66,23 @@ def test_round_trip_images_columns_and_manifest(src_root, packed):
             src, raw = pq.read_table(src_root / se["path"]), pq.read_table(dst / de["path"])
             assert de["rows"] == raw.num_rows == src.num_rows
             assert raw.schema.names == list(SHARD_COLUMNS)
-            assert raw.schema.field("image").type == pa.list_(pa.uint8(), 3 * SIZE * SIZE)
+            assert raw.schema.field("image").type == pa.binary(3 * SIZE * SIZE) == S.raw_image_type(SIZE)
+            assert pa.types.is_fixed_size_binary(raw.schema.field("image").type)
             for c in SHARD_COLUMNS:
                 if c != "image":
                     assert raw.column(c).equals(src.column(c)), c
                     assert raw.schema.field(c) == src.schema.field(c), c
             for i in range(raw.num_rows):
                 want = S.decode_image(src.column("image")[i].as_py())
-                got = raw.column("image")[i].values.to_numpy()
+                got = np.frombuffer(raw.column("image")[i].as_py(), np.uint8)
                 np.testing.assert_array_equal(got, want.transpose(2, 0, 1).reshape(-1))
-                np.testing.assert_array_equal(S.image_hwc(raw.column("image")[i], SIZE), want)
+                np.testing.assert_array_equal(S.image_hwc(raw.column("image")[i], SIZE, raw=True), want)
                 rows_checked += 1
-            # zstd on every column (nested ones included), row groups of 64
+            # zstd on every column (nested ones included), row groups of 64; the image is one
+            # FIXED_LEN_BYTE_ARRAY value per row (not a list of 3*H*W uint8 leaves)
             md = pq.ParquetFile(dst / de["path"]).metadata
+            leaf = md.schema.column(md.schema.names.index("image"))
+            assert leaf.physical_type == "FIXED_LEN_BYTE_ARRAY" and leaf.max_repetition_level == 0
             assert {md.row_group(0).column(j).compression for j in range(md.num_columns)} == {"ZSTD"}
             assert md.row_group(0).num_rows == min(64, raw.num_rows)
     assert rows_checked == summary["rows"]
@@ -118,13 +122,25 @@ def test_image_hwc_both_forms():
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")
     np.testing.assert_array_equal(S.image_hwc(buf.getvalue()), img)
+    np.testing.assert_array_equal(S.image_hwc(pa.scalar(buf.getvalue(), pa.binary())), img)
     chw = img.transpose(2, 0, 1).reshape(-1)
-    np.testing.assert_array_equal(S.image_hwc(chw, SIZE), img)
-    np.testing.assert_array_equal(S.image_hwc(chw.tolist(), SIZE), img)
-    with pytest.raises(ValueError, match="expected 3"):
-        S.image_hwc(chw[:-1], SIZE)
+    np.testing.assert_array_equal(S.image_hwc(chw, SIZE, raw=True), img)
+    np.testing.assert_array_equal(S.image_hwc(chw.tolist(), SIZE, raw=True), img)
+    # a raw cell is bytes too (fixed_size_binary): the flag, not the Python type, says which form
+    np.testing.assert_array_equal(S.image_hwc(chw.tobytes(), SIZE, raw=True), img)
+    np.testing.assert_array_equal(S.image_hwc(pa.scalar(chw.tobytes(), S.raw_image_type(SIZE)), SIZE, raw=True), img)
+    with pytest.raises(ValueError, match="does not decode"):
+        S.image_hwc(chw.tobytes(), SIZE)  # raw bytes read as PNG
+    with pytest.raises(ValueError, match=f"{3 * SIZE * SIZE - 1} values, expected 3"):
+        S.image_hwc(chw[:-1], SIZE, raw=True)
+    with pytest.raises(ValueError, match=f"{3 * SIZE * SIZE - 1} bytes, expected 3\\*{SIZE}\\*{SIZE} = {3 * SIZE * SIZE}"):
+        S.image_hwc(chw[:-1].tobytes(), SIZE, raw=True)
+    with pytest.raises(ValueError, match="image size"):
+        S.image_hwc(chw.tobytes(), raw=True)
     with pytest.raises(ValueError, match="missing"):
-        S.image_hwc(None, SIZE)
+        S.image_hwc(None, SIZE, raw=True)
+    with pytest.raises(ValueError, match="missing"):
+        S.image_hwc(pa.scalar(None, S.raw_image_type(SIZE)), SIZE, raw=True)
 
 
 # a bad row in the source: (edit, row, field, reason)
@@ -200,36 +216,56 @@ def test_rows_per_shard_recuts(src_root, tmp_path):
     assert S.validate(str(dst))[0] == []
 
 
-def test_validate_raw_wrong_list_length(packed, tmp_path):
-    root = copy_root(packed[0], tmp_path / "raw")
-    rel = _first_train(root)
-
-    def shorten(t: pa.Table) -> pa.Table:
-        n = 3 * (SIZE - 1) * (SIZE - 1)
-        flat = np.concatenate([t.column("image")[i].values.to_numpy()[:n] for i in range(t.num_rows)])
-        col = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.uint8()), n)
-        i = t.column_names.index("image")
-        return t.set_column(i, pa.field("image", col.type, nullable=False), col)
-
-    rewrite_shard(root, rel, shorten)
+def _schema_problem(root: Path, rel: str) -> S.Problem:
     problems, _ = S.validate(str(root))
     # (the file's rows are not read, so the split's labels also look non-dense in manifest.json)
     mine = [p for p in problems if p.file != str(root / "manifest.json")]
     assert len(mine) == 1, problems
     p = mine[0]
     assert p.file == str(root / rel) and p.field == "image" and p.row is None
-    assert str(3 * SIZE * SIZE) in p.reason and "raw-chw-uint8" in p.reason
+    return p
+
+
+def test_validate_raw_wrong_width(packed, tmp_path):
+    """A fixed_size_binary of another width (another image size) is a schema problem."""
+    root = copy_root(packed[0], tmp_path / "raw")
+    rel = _first_train(root)
+    n = 3 * (SIZE - 1) * (SIZE - 1)
+
+    def shorten(t: pa.Table) -> pa.Table:
+        col = pa.array([t.column("image")[i].as_py()[:n] for i in range(t.num_rows)], pa.binary(n))
+        i = t.column_names.index("image")
+        return t.set_column(i, pa.field("image", col.type, nullable=False), col)
+
+    rewrite_shard(root, rel, shorten)
+    p = _schema_problem(root, rel)
+    assert f"type fixed_size_binary[{n}]" in p.reason
+    assert f"expected fixed_size_binary[{3 * SIZE * SIZE}]" in p.reason and "raw-chw-uint8" in p.reason
+
+
+def test_validate_raw_old_list_form(packed, tmp_path):
+    """The fixed_size_list<uint8> column of an older pack is a schema problem that says so."""
+    root = copy_root(packed[0], tmp_path / "raw")
+    rel = _first_train(root)
+
+    def to_list(t: pa.Table) -> pa.Table:
+        flat = np.frombuffer(b"".join(t.column("image").to_pylist()), np.uint8)
+        col = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.uint8()), 3 * SIZE * SIZE)
+        i = t.column_names.index("image")
+        return t.set_column(i, pa.field("image", col.type, nullable=False), col)
+
+    rewrite_shard(root, rel, to_list)
+    p = _schema_problem(root, rel)
+    assert f"expected fixed_size_binary[{3 * SIZE * SIZE}]" in p.reason and "pack the source again" in p.reason
 
 
 def test_validate_raw_null_image_row(packed, tmp_path):
     root = copy_root(packed[0], tmp_path / "raw")
     rel = _first_train(root)
-    # a nullable raw column with one null row (the writer never makes one; a foreign tool might)
-    # and one row with a null pixel value
+    # a nullable raw column with two null rows (the writer never makes one; a foreign tool might)
     def nulls(t: pa.Table) -> pa.Table:
-        rows = [t.column("image")[i].values.to_numpy().tolist() for i in range(t.num_rows)]
-        rows[2] = None
-        rows[3][7] = None
+        rows = t.column("image").to_pylist()
+        rows[2] = rows[3] = None
         i = t.column_names.index("image")
         typ = S.raw_image_type(SIZE)
         return t.set_column(i, pa.field("image", typ, nullable=True), pa.array(rows, typ))
@@ -237,7 +273,7 @@ def test_validate_raw_null_image_row(packed, tmp_path):
     rewrite_shard(root, rel, nulls)
     problems, _ = S.validate(str(root))
     assert [(p.file, p.row, p.field, p.reason) for p in problems] == [
-        (str(root / rel), 2, "image", "null"), (str(root / rel), 3, "image", "null pixel value(s)")]
+        (str(root / rel), 2, "image", "null"), (str(root / rel), 3, "image", "null")]
 
 
 def test_validate_encoded_manifest_with_raw_shard(packed, tmp_path):
@@ -248,7 +284,56 @@ def test_validate_encoded_manifest_with_raw_shard(packed, tmp_path):
     (root / "manifest.json").write_text(json.dumps(man))
     problems, _ = S.validate(str(root))
     assert problems and all(p.field == "image" and p.row is None for p in problems)
-    assert "a raw shard?" in problems[0].reason
+    assert "a raw shard?" in problems[0].reason and f"fixed_size_binary[{3 * SIZE * SIZE}]" in problems[0].reason
+
+
+def _decode_raw(t: pa.Table):
+    from posefr_dist.data.decode import RAW, decode_table
+
+    n = t.num_rows
+    return decode_table(t, files=["f.parquet"], file_idx=np.zeros(n, np.int64), row_idx=np.arange(n),
+                        gid=np.arange(n), expected_points=16, image_size=SIZE, image_format=RAW, on_bad_row="skip")
+
+
+def test_decode_table_raw_images(packed, src_root):
+    """The raw branch of decode_table: CHW images from the fixed_size_binary buffer, at any offset
+    (a slice, several chunks); null rows and a column of another type are flagged."""
+    rel = _first_train(packed[0])
+    raw, src = pq.read_table(packed[0] / rel), pq.read_table(src_root / rel)
+    want = np.stack([S.decode_image(v).transpose(2, 0, 1) for v in src.column("image").to_pylist()])
+    out, bad = _decode_raw(raw)
+    assert bad == [] and out["valid"].all()
+    assert out["image"].dtype == np.uint8 and out["image"].shape == (raw.num_rows, 3, SIZE, SIZE)
+    np.testing.assert_array_equal(out["image"], want)
+    # a slice (non-zero offset) and a multi-chunk column (combined into one array) read the right rows
+    out, bad = _decode_raw(raw.slice(1, 2))
+    assert bad == [] and out["valid"].all()
+    np.testing.assert_array_equal(out["image"], want[1:3])
+    batch = raw.combine_chunks().to_batches()[0].slice(1, 2)  # a RecordBatch keeps the offset
+    assert batch.column(raw.column_names.index("image")).offset == 1
+    out, bad = _decode_raw(batch)
+    assert bad == [] and out["valid"].all()
+    np.testing.assert_array_equal(out["image"], want[1:3])
+    out, bad = _decode_raw(pa.concat_tables([raw.slice(2), raw.slice(0, 2)]))
+    assert bad == []
+    np.testing.assert_array_equal(out["image"], np.concatenate([want[2:], want[:2]]))
+    # null rows: flagged "missing image" and zero-filled, the others intact
+    rows = raw.column("image").to_pylist()
+    rows[1] = None
+    i = raw.column_names.index("image")
+    typ = S.raw_image_type(SIZE)
+    nulls = raw.set_column(i, pa.field("image", typ, nullable=True), pa.array(rows, typ))
+    out, bad = _decode_raw(nulls)
+    assert [(b[2], b[3]) for b in bad] == [("image", "missing image")] and bad[0][1].startswith("1 ")
+    assert out["valid"].tolist() == [j != 1 for j in range(raw.num_rows)]
+    assert not out["image"][1].any()
+    np.testing.assert_array_equal(out["image"][out["valid"]], want[out["valid"]])
+    # another width: every row flagged, naming the expected type
+    m = 3 * (SIZE - 1) * (SIZE - 1)
+    col = pa.array([r[:m] for r in raw.column("image").to_pylist()], pa.binary(m))
+    out, bad = _decode_raw(raw.set_column(i, pa.field("image", col.type), col))
+    assert len(bad) == raw.num_rows and not out["valid"].any()
+    assert all(b[2] == "image" and f"expected fixed_size_binary[{3 * SIZE * SIZE}]" in b[3] for b in bad)
 
 
 def test_unknown_image_format_rejected(packed, tmp_path):

@@ -189,14 +189,14 @@ def decode_table(table: pa.Table, *, files: list[str], file_idx: np.ndarray, row
     iarr = _col(table, "image")
     if image_format == RAW:
         size = 3 * image_size * image_size
-        if not (pa.types.is_fixed_size_list(iarr.type) and iarr.type.list_size == size):
-            flag(np.ones(n, bool), "image", f"type {iarr.type}, expected fixed_size_list<uint8>[{size}] "
+        if not (pa.types.is_fixed_size_binary(iarr.type) and iarr.type.byte_width == size):
+            flag(np.ones(n, bool), "image", f"type {iarr.type}, expected fixed_size_binary[{size}] "
                                             f"for a raw shard of {image_size}x{image_size} images")
-        else:
+        elif n:
             present = np.asarray(iarr.is_valid().to_numpy(zero_copy_only=False), bool)
             flag(~present, "image", "missing image")
-            flat = np.asarray(iarr.values.to_numpy(zero_copy_only=False), np.uint8)
-            flat = flat[iarr.offset * size:(iarr.offset + n) * size]
+            # the values buffer, zero-copy (slots under null rows hold whatever; those rows are flagged)
+            flat = np.frombuffer(iarr.buffers()[1], np.uint8)[iarr.offset * size:(iarr.offset + n) * size]
             images[:] = flat.reshape(n, 3, image_size, image_size)
     else:
         values = iarr.to_pylist() if not pa.types.is_binary(iarr.type) else None

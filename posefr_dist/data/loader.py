@@ -104,22 +104,91 @@ def prepare(uri: str, cfg: DataConfig, splits: tuple[str, ...] = ("train", "val"
     return {s.split: SplitHandle(s, cache_split(s, cfg) if cached else None) for s in sources}
 
 
+class RankStream:
+    """One streaming read per rank for a whole run: the windows of every epoch it will train on,
+    in plan order, decoded by a single Ray Data pipeline (its start-up is paid once, and the next
+    epoch's first windows decode while the current one ends).
+
+    ``epochs`` are the epochs to read; ``batches`` the batches each trains on (the rest of a
+    rank's share is not read); the first epoch starts at batch ``start``.
+    """
+
+    def __init__(self, handle: SplitHandle, cfg: DataConfig, *, seed: int, rank: int, world: int,
+                 epochs: list[int], batch_size: int, batches: int | None = None, start: int = 0) -> None:
+        self.handle, self.cfg, self.rank = handle, cfg, int(rank)
+        self.plans = {e: plan_for(handle.source, cfg, seed=seed, epoch=e, world=world) for e in epochs}
+        self.order: list[tuple[int, Any]] = []
+        for i, e in enumerate(epochs):
+            plan = self.plans[e]
+            n = plan.rows_per_rank // batch_size if batches is None else min(batches, plan.rows_per_rank // batch_size)
+            lo, hi = (start * batch_size if i == 0 else 0), n * batch_size
+            if hi <= lo:
+                continue
+            first, _ = plan.locate(self.rank, lo)
+            self.order += [(e, w) for w in plan.windows(self.rank)[first:] if w.start < hi]
+        self._next = 0
+        self._it: Iterator[dict[str, np.ndarray]] | None = None
+        self._pending: list[dict[str, np.ndarray]] = []
+        self._have = 0
+
+    def _start(self) -> None:
+        from posefr_dist.raysupport import quiet_ray_data
+
+        quiet_ray_data()  # also in Ray Train workers
+        src = self.handle.source
+        rows = max(1, self.order[0][1].rows) if self.order else 1
+        per_task = max(1, round(self.cfg.decode_batch_size / rows))
+        ds = src.dataset([w.pieces for _, w in self.order], drop_invalid=False, windows_per_task=per_task,
+                         concurrency=self.cfg.decode_concurrency, cpus_per_task=self.cfg.decode_cpus)
+        self._it = iter(ds.iter_batches(batch_size=None, batch_format="numpy",
+                                        prefetch_batches=self.cfg.prefetch_batches))
+
+    def window(self, epoch: int, index: int) -> dict[str, np.ndarray]:
+        """The decoded rows (in range order, ``valid`` marking good ones) of the next window, which
+        must be window ``index`` of ``epoch``."""
+        if self._next >= len(self.order):
+            raise RuntimeError(f"rank {self.rank}: no window left to read (asked for epoch {epoch} window {index})")
+        e, w = self.order[self._next]
+        if (e, w.index) != (epoch, index):
+            raise RuntimeError(f"rank {self.rank}: read out of plan order: asked for epoch {epoch} window {index}, "
+                               f"the stream is at epoch {e} window {w.index}")
+        if self._it is None:
+            self._start()
+        while self._have < w.rows:
+            blk = next(self._it)
+            self._pending.append(blk)
+            self._have += len(blk["gid"])
+        allrows = D.concat(self._pending)
+        rows, rest = D.select(allrows, slice(0, w.rows)), D.select(allrows, slice(w.rows, None))
+        self._pending, self._have = ([rest] if len(rest["gid"]) else []), len(rest["gid"])
+        self._next += 1
+        if not np.array_equal(rows["gid"], self.plans[e].piece_gids(w.pieces)):
+            raise RuntimeError(f"window {w.index} of rank {self.rank}, epoch {e}: decoded rows out of plan order")
+        return rows
+
+
 class RankBatches:
     """Rank ``rank``'s batches of one epoch, from batch index ``start`` on.
 
     Iterating yields dicts of tensors (:data:`TRAIN_COLUMNS`), ``len(seq) // batch_size`` batches
-    in all for the epoch. ``close()`` (or leaving the ``with`` block) stops the producer thread.
+    in all for the epoch (``batches`` caps them). A streamed split reads from ``stream`` (a
+    :class:`RankStream` of the run), or from a stream of this epoch alone. ``close()`` (or leaving
+    the ``with`` block) stops the producer thread.
     """
 
     def __init__(self, handle: SplitHandle, cfg: DataConfig, *, seed: int, epoch: int, rank: int, world: int,
                  batch_size: int, start: int = 0, augment: AugmentConfig | None = None,
-                 arrays: dict[str, np.ndarray] | None = None, pin_memory: bool = False) -> None:
+                 arrays: dict[str, np.ndarray] | None = None, pin_memory: bool = False,
+                 stream: RankStream | None = None, batches: int | None = None) -> None:
         self.handle, self.cfg, self.batch_size = handle, cfg, int(batch_size)
         self.pin_memory = bool(pin_memory)
         self.seed, self.epoch, self.rank, self.world, self.start = int(seed), int(epoch), int(rank), int(world), int(start)
         self.augment = augment
         self.plan = plan_for(handle.source, cfg, seed=seed, epoch=epoch, world=world)
         self.num_batches = self.plan.rows_per_rank // self.batch_size
+        if batches is not None:
+            self.num_batches = min(self.num_batches, int(batches))
+        self.stream = stream
         self._arrays = arrays
         self._q: queue.Queue = queue.Queue(maxsize=max(1, cfg.prefetch_batches))
         self._stop = threading.Event()
@@ -143,35 +212,18 @@ class RankBatches:
     def _stream(self, b0: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         bs, limit = self.batch_size, self.num_batches * self.batch_size
         pos = b0 * bs
-        w0, _ = self.plan.locate(self.rank, pos)
-        windows = self.plan.windows(self.rank)[w0:]
-        if pos >= limit or not windows:
+        if pos >= limit:
             return
-        from posefr_dist.raysupport import quiet_ray_data
-
-        quiet_ray_data()  # also in Ray Train workers, which stream a short read every epoch
-        src = self.handle.source
-        per_task = max(1, round(self.cfg.decode_batch_size / max(1, windows[0].rows)))
-        ds = src.dataset([w.pieces for w in windows], drop_invalid=False, windows_per_task=per_task,
-                         concurrency=self.cfg.decode_concurrency, cpus_per_task=self.cfg.decode_cpus)
-        stream = iter(ds.iter_batches(batch_size=None, batch_format="numpy",
-                                      prefetch_batches=self.cfg.prefetch_batches))
-        pending: list[dict[str, np.ndarray]] = []
-        have = 0
+        w0, _ = self.plan.locate(self.rank, pos)
+        stream = self.stream or RankStream(self.handle, self.cfg, seed=self.seed, rank=self.rank, world=self.world,
+                                           epochs=[self.epoch], batch_size=bs, batches=self.num_batches, start=b0)
         parts: list[dict[str, np.ndarray]] = []  # resolved rows not yet batched
         parts_rows = 0
         b = b0
-        for w in windows:
-            while have < w.rows:  # the decoded rows of this window, in chunk order
-                blk = next(stream)
-                pending.append(blk)
-                have += len(blk["gid"])
-            allrows = D.concat(pending)
-            rows, rest = D.select(allrows, slice(0, w.rows)), D.select(allrows, slice(w.rows, None))
-            pending, have = ([rest] if len(rest["gid"]) else []), len(rest["gid"])
-            expect = self.plan.piece_gids(w.pieces)
-            if not np.array_equal(rows["gid"], expect):
-                raise RuntimeError(f"window {w.index} of rank {self.rank}: decoded rows out of plan order")
+        for w in self.plan.windows(self.rank)[w0:]:
+            if w.start >= limit:
+                break
+            rows = stream.window(self.epoch, w.index)
             local = resolve_window(np.arange(w.rows), w.order, rows["valid"], w.index)
             lo = max(0, pos - w.start)  # the resume position may fall inside the first window
             hi = min(w.rows, limit - w.start)
@@ -186,8 +238,6 @@ class RankBatches:
                 yield b, {k: out[k] for k in ("image", "points", "label", "has_points", "yaw_deg", "pitch_deg",
                                                "gid")}
                 b += 1
-            if w.start + w.rows >= limit:
-                break
 
     def _finish(self, b: int, rows: dict[str, np.ndarray]) -> dict[str, Any]:
         import torch
@@ -298,5 +348,5 @@ def iter_split(handle: SplitHandle, cfg: DataConfig, batch_size: int) -> Iterato
     yield from ds.iter_batches(batch_size=batch_size, batch_format="numpy")
 
 
-__all__ = ["SplitHandle", "prepare", "cache_split", "cache_decision", "RankBatches", "load_cached", "plan_for",
+__all__ = ["SplitHandle", "prepare", "cache_split", "cache_decision", "RankStream", "RankBatches", "load_cached", "plan_for",
            "iter_split", "TRAIN_COLUMNS"]

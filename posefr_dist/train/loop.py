@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from posefr_dist.config import Config
-from posefr_dist.data.loader import RankBatches, iter_split, plan_for
+from posefr_dist.data.loader import RankBatches, RankStream, iter_split, plan_for
 from posefr_dist.data.pipeline import collate
 
 log = logging.getLogger("posefr.train")
@@ -338,6 +338,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     if k.startswith("val/tar@far=0.01/") and isinstance(v, float)}
             log.info("epoch %d step %d: validation %s", epoch, global_step, tars)
 
+    micro_needed = steps_per_epoch * tc.grad_accum
+    # a streamed split: one read for the rest of the run (the cached one is indexed in memory)
+    stream = None if train_h.is_cached else RankStream(
+        train_h, cfg.data, seed=tc.seed, rank=rank, world=world, epochs=list(range(start_epoch, tc.epochs)),
+        batch_size=cfg.data.batch_size, batches=micro_needed, start=skip_batches)
     for epoch in range(start_epoch, tc.epochs):
         engine.train()
         # both are functions of the epoch, so a resumed run continues them exactly
@@ -350,7 +355,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start = skip_batches if epoch == start_epoch else 0
         loader = RankBatches(train_h, cfg.data, seed=tc.seed, epoch=epoch, rank=rank, world=world,
                              batch_size=cfg.data.batch_size, start=start, augment=cfg.data.augment,
-                             pin_memory=tc.use_gpu)
+                             pin_memory=tc.use_gpu, stream=stream, batches=micro_needed)
         it = iter(loader)
         micro, step_in_epoch = start, start // tc.grad_accum
         while step_in_epoch < steps_per_epoch:

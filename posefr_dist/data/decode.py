@@ -169,7 +169,8 @@ def decode_table(table: pa.Table, *, files: list[str], file_idx: np.ndarray, row
                  lambda i: f"{int((~np.isfinite(pts[i])).sum())} non-finite value(s) (NaN or inf)")
             flag(has & (npts != expected_points), "points",
                  lambda i: f"num_points {npts[i]}, the data set has {expected_points}")
-            points[:] = np.where(has[:, None, None], np.nan_to_num(pts), 0.0)
+            points[:] = pts  # rows with non-finite values are flagged (and zeroed when skipped)
+            points[~has] = 0.0
         else:  # variable-length lists or a size other than the manifest's: the row-wise checks
             lengths = np.asarray(pc.fill_null(pc.list_value_length(parr), 0).to_numpy(zero_copy_only=False))
             for i in np.flatnonzero(has):
@@ -186,22 +187,31 @@ def decode_table(table: pa.Table, *, files: list[str], file_idx: np.ndarray, row
 
     # images
     images = np.zeros((n, 3, image_size, image_size), np.uint8)
-    iarr = _col(table, "image")
+    column = table.column("image")
+    if isinstance(column, pa.Array):  # a RecordBatch's column
+        column = pa.chunked_array([column], type=column.type)
+    iarr = column.chunk(0) if column.num_chunks == 1 else (column.combine_chunks() if image_format != RAW else None)
     if image_format == RAW:
         size = 3 * image_size * image_size
-        if not (pa.types.is_fixed_size_binary(iarr.type) and iarr.type.byte_width == size):
-            flag(np.ones(n, bool), "image", f"type {iarr.type}, expected fixed_size_binary[{size}] "
+        if not (pa.types.is_fixed_size_binary(column.type) and column.type.byte_width == size):
+            flag(np.ones(n, bool), "image", f"type {column.type}, expected fixed_size_binary[{size}] "
                                             f"for a raw shard of {image_size}x{image_size} images")
         elif n:
-            present = np.asarray(iarr.is_valid().to_numpy(zero_copy_only=False), bool)
+            present = np.asarray(column.is_valid().to_numpy(zero_copy_only=False), bool)
             flag(~present, "image", "missing image")
-            # the values buffer, zero-copy (slots under null rows hold whatever; those rows are flagged)
-            flat = np.frombuffer(iarr.buffers()[1], np.uint8)[iarr.offset * size:(iarr.offset + n) * size]
-            images[:] = flat.reshape(n, 3, image_size, image_size)
+            # each chunk's values buffer read in place and copied once (slots under null rows hold
+            # whatever; those rows are flagged)
+            at = 0
+            for chunk in column.chunks:
+                m = len(chunk)
+                if m:
+                    flat = np.frombuffer(chunk.buffers()[1], np.uint8)[chunk.offset * size:(chunk.offset + m) * size]
+                    images[at:at + m] = flat.reshape(m, 3, image_size, image_size)
+                at += m
     else:
-        values = iarr.to_pylist() if not pa.types.is_binary(iarr.type) else None
+        values = iarr.to_pylist()
         for i in range(n):
-            data = values[i] if values is not None else iarr[i].as_py()
+            data = values[i]
             try:
                 img = _decode_image(data)
             except ValueError as e:

@@ -1,6 +1,6 @@
 """Training throughput: Ray Train + DeepSpeed (2 CPU workers) vs a plain single-process loop.
 
-    .venv/bin/python benchmarks/train.py [--identities 100 --views 16 --epochs 2 --variant jam-je]
+    .venv/bin/python benchmarks/train.py [--identities 100 --views 16 --epochs 3 --variant jam-je --cache auto]
 
 Same model (ir_tiny / pointnet2_tiny at 64x64), batch size, data and number of epochs. Prints
 samples/s of both, their ratio (target >= 0.8), the share of each epoch the workers spent waiting
@@ -67,6 +67,8 @@ def main() -> None:
     ap.add_argument("--views", type=int, default=16)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--variant", default="jam-je")
+    ap.add_argument("--cache", default="auto", choices=("auto", "memory", "off"),
+                    help="data.cache of the distributed run (off: every epoch streams and decodes)")
     args = ap.parse_args()
     from posefr_dist.config import load_config
     from posefr_dist.data.synth import synthesize
@@ -83,6 +85,7 @@ def main() -> None:
         cfg = load_config(REPO / "jobs" / "configs" / "demo-cpu.yaml", [
             f"data.uri={shards}", f"train.storage_path={work / 'runs'}", "train.run_name=bench",
             f"train.epochs={args.epochs}", f"model.variant={args.variant}", "train.log_every_steps=1000",
+            f"data.cache={args.cache}",
             # from scratch: the same model in both loops (the demo fine-tunes a pretrained encoder)
             "model.pretrained_2d=", "train.pretrained_lr_mult=1.0", "train.freeze_pretrained_epochs=0"])
         meta = check_config(cfg)

@@ -62,3 +62,13 @@ def test_int_to_float_coercion_but_not_bool():
 def test_sections_are_dataclasses():
     cfg = Config()
     assert isinstance(cfg.data, DataConfig)
+
+
+def test_unquoted_off_in_yaml_is_the_string_off(tmp_path):
+    """YAML 1.1 reads `cache: off` as false; a string key gets back the word the user wrote."""
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  cache: off\n")
+    assert load_config(p).data.cache == "off"
+    p.write_text("train:\n  precision: on\n")
+    with pytest.raises(ConfigError, match="train.precision"):
+        load_config(p)

@@ -82,7 +82,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                f"expected a number, got {value!r}")
         return float(value)
     if tp is str:
-        _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), key,
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted off/on as false/true
+            return "on" if value else "off"
+        _check(isinstance(value, (str, int, float)), key,
                f"expected a string, got {value!r}")
         return str(value)
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -233,28 +234,34 @@ def small_root(tmp_path_factory):
     return root
 
 
-def _raw_batch(root, split="train"):
+def _raw_table(root, split="train"):
     path = sorted((root / split).glob("*.parquet"))[0]
-    cols = pq.read_table(path, columns=P.READ_COLUMNS).to_pydict()
-    cols["path"] = [str(path)] * len(cols["sample_id"])
-    return {k: np.array(v, dtype=object) for k, v in cols.items()}, path
+    return pq.read_table(path, columns=P.READ_COLUMNS), path
 
 
 def test_decode_reads_pitch_and_checks_it(small_root):
-    batch, path = _raw_batch(small_root)
-    kw = dict(expected_points=32, image_size=32, on_bad_row="error", bad_rows=None, uri_prefix="")
-    out = P._decode_batch(batch, **kw)
-    want = np.asarray(batch["pitch_deg"], np.float32)
-    assert out["pitch_deg"].dtype == np.float32
+    from posefr_dist.data.decode import decode_table
+
+    table, path = _raw_table(small_root)
+    n = table.num_rows
+    kw = dict(files=[str(path)], file_idx=np.zeros(n, np.int64), row_idx=np.arange(n), gid=np.arange(n),
+              expected_points=32, image_size=32, on_bad_row="error")
+    out, bad = decode_table(table, **kw)
+    want = np.asarray(table.column("pitch_deg").to_pylist(), np.float32)
+    assert out["pitch_deg"].dtype == np.float32 and not bad
     np.testing.assert_array_equal(out["pitch_deg"], want)
-    assert set(P.BATCH_COLUMNS) == set(out)
+    assert set(P.BATCH_COLUMNS) <= set(out)
+
+    def with_pitch(i, value):
+        vals = table.column("pitch_deg").to_pylist()
+        vals[i] = value
+        return table.set_column(table.column_names.index("pitch_deg"), "pitch_deg", pa.array(vals, pa.float32()))
+
     # null -> NaN (unknown)
-    batch["pitch_deg"][1] = None
-    assert np.isnan(P._decode_batch(batch, **kw)["pitch_deg"][1])
+    assert np.isnan(decode_table(with_pitch(1, None), **kw)[0]["pitch_deg"][1])
     # out of range -> an error naming file, row and field
-    batch["pitch_deg"][2] = 120.0
     with pytest.raises(S.ShardError) as ei:
-        P._decode_batch(batch, **kw)
+        decode_table(with_pitch(2, 120.0), **kw)
     msg = str(ei.value)
     assert str(path) in msg and "row 2 " in msg and "field pitch_deg" in msg
 

@@ -311,6 +311,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0 and emb is not None:
             report.update(validate(cfg, emb))
             metrics.update_validation(report)
+            for name, h in (("train", train_h), ("val", val_h)):  # counted once per row however often read
+                metrics.skipped_rows.labels(split=name).set(h.source.skipped())
         # the checkpoint ranking needs a number: a metric without pairs counts as 0
         if not math.isfinite(report.get(tc.checkpoint_metric, float("nan"))):
             report[tc.checkpoint_metric] = 0.0
@@ -415,6 +417,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         checkpoint_and_report(epoch, step_in_epoch, True, stats)
     if server is not None:
         server.shutdown()
+        server.server_close()
     if trace is not None:
         trace.close()
     if rank == 0:

@@ -6,7 +6,7 @@ What is checked, without a cluster or network:
   inside its kustomization root, as kustomize's default load restrictor demands); no manifest is
   left out of every kustomization unless it is a documented example (``*.example.yaml``);
 - KubeRay kinds (RayCluster, RayJob, RayCronJob) and the PodMonitor validate strictly against
-  their CRDs in ``../shared/k8s-schemas`` (or ``$POSEFR_K8S_SCHEMAS``): unknown fields rejected,
+  their CRDs in ``tests/k8s-schemas`` (or ``$POSEFR_K8S_SCHEMAS``): unknown fields rejected,
   ``x-kubernetes-int-or-string``, int32/int64 ranges and ``x-kubernetes-list-type`` uniqueness
   enforced; built-in kinds validate with ``kubernetes-validate`` in strict mode;
 - the rules the KubeRay controller (not the API server) enforces, re-implemented below from
@@ -258,6 +258,7 @@ def schemas_dir() -> Path | None:
     candidates = []
     if os.environ.get("POSEFR_K8S_SCHEMAS"):
         candidates.append(Path(os.environ["POSEFR_K8S_SCHEMAS"]))
+    candidates.append(ROOT / "tests" / "k8s-schemas")  # the copy in the repository
     candidates.append(ROOT.parent / "shared" / "k8s-schemas")
     for c in candidates:
         if all((c / f).is_file() for f in CRD_FILES.values()):
@@ -267,7 +268,7 @@ def schemas_dir() -> Path | None:
 
 needs_schemas = pytest.mark.skipif(
     schemas_dir() is None,
-    reason="CRD schemas not found at ../shared/k8s-schemas nor at $POSEFR_K8S_SCHEMAS",
+    reason="CRD schemas not found at tests/k8s-schemas, ../shared/k8s-schemas nor at $POSEFR_K8S_SCHEMAS",
 )
 
 
@@ -1079,7 +1080,7 @@ def _manifest_labels() -> list[str]:
 def test_manifest_validates(label):
     doc = dict(manifests())[label]
     if (doc.get("apiVersion"), doc.get("kind")) in CRD_FILES and schemas_dir() is None:
-        pytest.skip("CRD schemas not found at ../shared/k8s-schemas nor at $POSEFR_K8S_SCHEMAS")
+        pytest.skip("CRD schemas not found at tests/k8s-schemas, ../shared/k8s-schemas nor at $POSEFR_K8S_SCHEMAS")
     assert all_errors(doc) == []
 
 

@@ -345,7 +345,7 @@ def pushgateway(tmp_path):
     exe = shutil.which("prometheus-pushgateway") or PUSHGATEWAY_BIN
     if not os.path.exists(exe):
         pytest.fail(f"{PUSHGATEWAY_BIN} is missing: install Debian's prometheus-pushgateway "
-                    "(apt-get install -y prometheus-pushgateway; .ci/run does it)")
+                    "(apt-get install -y prometheus-pushgateway; `make test` does it through scripts/install.sh)")
     port = free_port()
     log = open(tmp_path / "pushgateway.log", "wb")
     proc = subprocess.Popen([exe, f"--web.listen-address=127.0.0.1:{port}", "--persistence.file="],

@@ -86,10 +86,8 @@ def _stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
     assert not _processes_of(proc.pid, temp_dir), "processes of the test head survived"
 
 
-@pytest.fixture(scope="module")
-def ray_head():
-    """A local Ray head with its dashboard (job API) on free loopback ports."""
-    temp_dir = tempfile.mkdtemp(prefix="rj-", dir="/tmp")  # Ray's socket paths must stay short
+def head_command(temp_dir: str) -> tuple[list[str], dict[str, int]]:
+    """``ray start --head --block`` on free loopback ports (every one Ray opens), and those ports."""
     ports = {name: free_port() for name in ("gcs", "dashboard", "agent_http", "agent_grpc", "client",
                                              "runtime_env", "metrics")}
     cmd = [RAY, "start", "--head", f"--port={ports['gcs']}", f"--dashboard-port={ports['dashboard']}",
@@ -98,6 +96,14 @@ def ray_head():
            f"--dashboard-agent-grpc-port={ports['agent_grpc']}", f"--ray-client-server-port={ports['client']}",
            f"--runtime-env-agent-port={ports['runtime_env']}", f"--metrics-export-port={ports['metrics']}",
            "--object-store-memory=200000000", "--block"]
+    return cmd, ports
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A local Ray head with its dashboard (job API) on free loopback ports."""
+    temp_dir = tempfile.mkdtemp(prefix="rj-", dir="/tmp")  # Ray's socket paths must stay short
+    cmd, ports = head_command(temp_dir)
     log = open(os.path.join(temp_dir, "ray-start.log"), "wb")
     proc = subprocess.Popen(cmd, env=head_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{ports['dashboard']}"

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, wait_for_port
-from tests.test_jobs import BIN, RAY, REPO, START_TIMEOUT, _stop_head, runtime_env_json
+from tests.conftest import wait_for_port
+from tests.test_jobs import BIN, RAY, REPO, START_TIMEOUT, _stop_head, head_command, runtime_env_json
 
 pytestmark = pytest.mark.slow
 
@@ -73,14 +73,7 @@ def auth_head():
     assert gen.returncode == 0 and os.path.exists(token_path), gen.stderr[-2000:]
     token = Path(token_path).read_text().strip()
     assert len(token) >= 32 and gen.stdout.strip() == token
-    ports = {name: free_port() for name in ("gcs", "dashboard", "agent_http", "agent_grpc", "client",
-                                             "runtime_env", "metrics")}
-    cmd = [RAY, "start", "--head", f"--port={ports['gcs']}", f"--dashboard-port={ports['dashboard']}",
-           "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-           "--include-dashboard=true", f"--dashboard-agent-listen-port={ports['agent_http']}",
-           f"--dashboard-agent-grpc-port={ports['agent_grpc']}", f"--ray-client-server-port={ports['client']}",
-           f"--runtime-env-agent-port={ports['runtime_env']}", f"--metrics-export-port={ports['metrics']}",
-           "--object-store-memory=200000000", "--block"]
+    cmd, ports = head_command(temp_dir)
     log = open(os.path.join(temp_dir, "ray-start.log"), "wb")
     proc = subprocess.Popen(cmd, env=ray_env(home, token_path=token_path), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)

@@ -13,7 +13,6 @@ in its split (see :mod:`posefr_dist.data.plan`).
 
 from __future__ import annotations
 
-import io
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -213,7 +212,7 @@ def decode_table(table: pa.Table, *, files: list[str], file_idx: np.ndarray, row
         for i in range(n):
             data = values[i]
             try:
-                img = _decode_image(data)
+                img = S.decode_image(data)
             except ValueError as e:
                 flag(np.arange(n) == i, "image", str(e))
                 continue
@@ -250,22 +249,6 @@ def decode_table(table: pa.Table, *, files: list[str], file_idx: np.ndarray, row
         "has_points": has & valid,
         "valid": valid,
     }, bad
-
-
-def _decode_image(data: bytes | None) -> np.ndarray:
-    """PNG/JPEG bytes -> HxWx3 uint8 (ValueError when missing or undecodable)."""
-    from PIL import Image, UnidentifiedImageError
-
-    if data is None:
-        raise ValueError("missing image")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            if im.mode != "RGB":
-                im = im.convert("RGB")
-            return np.asarray(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"image does not decode: {e}") from None
 
 
 def select(batch: dict[str, np.ndarray], keep: np.ndarray) -> dict[str, np.ndarray]:

@@ -237,7 +237,7 @@ def decode_image(data: bytes | None) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            return np.asarray(im.convert("RGB"))
+            return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"image does not decode: {e}") from None
 

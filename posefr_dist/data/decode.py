@@ -137,8 +137,10 @@ def decode_table(table: pa.Table, *, files: list[str], file_idx: np.ndarray, row
 
     def flag(mask: np.ndarray, field: str, why) -> None:
         for i in np.flatnonzero(mask):
-            if int(i) not in reasons:
-                reasons[int(i)] = (field, why(int(i)) if callable(why) else why)
+            flag_row(int(i), field, why(int(i)) if callable(why) else why)
+
+    def flag_row(i: int, field: str, why: str) -> None:  # a row's first problem is the one reported
+        reasons.setdefault(i, (field, why))
 
     # label
     label_arr = _col(table, "label")
@@ -180,7 +182,7 @@ def decode_table(table: pa.Table, *, files: list[str], file_idx: np.ndarray, row
                 if r is None and lengths[i] != 3 * expected_points:
                     r = f"has {lengths[i]} values, expected 3*num_points = {3 * expected_points}"
                 if r:
-                    flag(np.arange(n) == i, "points", r)
+                    flag_row(int(i), "points", r)
                 else:
                     points[i] = np.asarray(v, np.float32).reshape(expected_points, 3)
 
@@ -214,11 +216,10 @@ def decode_table(table: pa.Table, *, files: list[str], file_idx: np.ndarray, row
             try:
                 img = S.decode_image(data)
             except ValueError as e:
-                flag(np.arange(n) == i, "image", str(e))
+                flag_row(i, "image", str(e))
                 continue
             if img.shape[:2] != (image_size, image_size):
-                flag(np.arange(n) == i, "image",
-                     f"is {img.shape[1]}x{img.shape[0]}, expected {image_size}x{image_size}")
+                flag_row(i, "image", f"is {img.shape[1]}x{img.shape[0]}, expected {image_size}x{image_size}")
                 continue
             images[i] = img.transpose(2, 0, 1)
 

@@ -3,8 +3,8 @@
 The driver decides per split (:func:`prepare`) whether it is **cached** (``data.cache``): decoded
 once by Ray Data (in file order, order preserved) and assembled into one object in the object
 store, a dict of arrays indexed by global row id that every worker on a node maps without a copy;
-or **streamed**: every epoch each rank decodes only its own windows of chunks, in plan order, with
-its own Ray Data pipeline. :class:`RankBatches` turns the epoch plan (:mod:`posefr_dist.data.plan`)
+or **streamed**: each rank decodes only its own windows of chunks, in plan order, with one Ray Data
+pipeline for the whole run (:class:`RankStream`). :class:`RankBatches` turns the epoch plan (:mod:`posefr_dist.data.plan`)
 into batches either way, identical row for row, from any batch index on (a resumed run starts
 there without decoding what it skips); a background thread gathers, augments (seeded by
 ``(seed, epoch, rank, batch)``) and converts ``prefetch_batches`` batches ahead of the step.
@@ -178,18 +178,19 @@ class RankBatches:
 
     def __init__(self, handle: SplitHandle, cfg: DataConfig, *, seed: int, epoch: int, rank: int, world: int,
                  batch_size: int, start: int = 0, augment: AugmentConfig | None = None,
-                 arrays: dict[str, np.ndarray] | None = None, pin_memory: bool = False,
-                 stream: RankStream | None = None, batches: int | None = None) -> None:
+                 pin_memory: bool = False, stream: RankStream | None = None, batches: int | None = None) -> None:
         self.handle, self.cfg, self.batch_size = handle, cfg, int(batch_size)
         self.pin_memory = bool(pin_memory)
         self.seed, self.epoch, self.rank, self.world, self.start = int(seed), int(epoch), int(rank), int(world), int(start)
         self.augment = augment
-        self.plan = plan_for(handle.source, cfg, seed=seed, epoch=epoch, world=world)
+        # the run's stream already planned this epoch
+        self.plan = stream.plans[epoch] if stream is not None and epoch in stream.plans else \
+            plan_for(handle.source, cfg, seed=seed, epoch=epoch, world=world)
         self.num_batches = self.plan.rows_per_rank // self.batch_size
         if batches is not None:
             self.num_batches = min(self.num_batches, int(batches))
         self.stream = stream
-        self._arrays = arrays
+        self._arrays: dict[str, np.ndarray] | None = None
         self._q: queue.Queue = queue.Queue(maxsize=max(1, cfg.prefetch_batches))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -204,8 +205,7 @@ class RankBatches:
             seq = self.plan.sequence(self.rank, arrays["valid"])
             for b in range(b0, self.num_batches):
                 idx = seq[b * bs:(b + 1) * bs]
-                yield b, {k: arrays[k][idx] for k in ("image", "points", "label", "has_points", "yaw_deg",
-                                                      "pitch_deg")} | {"gid": idx}
+                yield b, {k: arrays[k][idx] for k in TRAIN_COLUMNS if k != "gid"} | {"gid": idx}
             return
         yield from self._stream(b0)
 
@@ -235,8 +235,7 @@ class RankBatches:
                 out = {k: v[:bs] for k, v in allp.items()}
                 parts = [{k: v[bs:] for k, v in allp.items()}]
                 parts_rows -= bs
-                yield b, {k: out[k] for k in ("image", "points", "label", "has_points", "yaw_deg", "pitch_deg",
-                                               "gid")}
+                yield b, {k: out[k] for k in TRAIN_COLUMNS}
                 b += 1
 
     def _finish(self, b: int, rows: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -261,26 +260,21 @@ class RankBatches:
     def _produce(self) -> None:
         try:
             for b, rows in self._batches_np():
-                item = (b, self._finish(b, rows))
-                while not self._stop.is_set():
-                    try:
-                        self._q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
+                if not self._put((b, self._finish(b, rows))):
                     return
-            self._put_final(None)
+            self._put(("end", None))
         except BaseException as e:  # handed to the consumer
-            self._put_final(e)
+            self._put(("end", e))
 
-    def _put_final(self, item: Any) -> None:
+    def _put(self, item: tuple[Any, Any]) -> bool:
+        """Queue ``item`` unless the consumer closed first; False when it did."""
         while not self._stop.is_set():
             try:
-                self._q.put(("end", item), timeout=0.1)
-                return
+                self._q.put(item, timeout=0.1)
+                return True
             except queue.Full:
                 continue
+        return False
 
     # -- consuming ------------------------------------------------------------------------------
 

@@ -66,27 +66,6 @@ class SplitLayout:
                 start += g
         return np.array(out, np.int64).reshape(-1, 3)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"files": list(self.files), "row_groups": [list(g) for g in self.row_groups]}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SplitLayout":
-        return cls(tuple(d["files"]), tuple(tuple(int(x) for x in g) for g in d["row_groups"]))
-
-
-def read_layout(uris: list[str]) -> SplitLayout:
-    """Layout of the shards ``uris`` from their Parquet footers (no row data is read)."""
-    import pyarrow.parquet as pq
-
-    from posefr_dist import storage
-
-    groups = []
-    for uri in uris:
-        fs, path = storage.filesystem(uri)
-        md = storage.with_retries(uri, lambda: pq.read_metadata(path, filesystem=fs))
-        groups.append(tuple(md.row_group(i).num_rows for i in range(md.num_row_groups)))
-    return SplitLayout(tuple(uris), tuple(groups))
-
 
 @dataclass(frozen=True)
 class Window:
@@ -206,4 +185,4 @@ def window_chunks_for(shuffle_buffer: int, chunk_rows: int) -> int:
     return max(1, math.ceil(max(shuffle_buffer, 1) / chunk_rows))
 
 
-__all__ = ["SplitLayout", "read_layout", "EpochPlan", "Window", "resolve_window", "window_chunks_for"]
+__all__ = ["SplitLayout", "EpochPlan", "Window", "resolve_window", "window_chunks_for"]

@@ -254,9 +254,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     base_lambda_je = float(model.lambda_je)
     data = config["data"]
     train_h, val_h = data["train"], data["val"]
-    # the same number of steps every epoch: the smallest epoch's share (chunk sizes differ a little)
-    rows_per_worker = min(plan_for(train_h.source, cfg.data, seed=tc.seed, epoch=e, world=world).rows_per_rank
-                          for e in range(tc.epochs))
+    # every epoch deals each rank the same number of rows (the plan's equal shares)
+    rows_per_worker = plan_for(train_h.source, cfg.data, seed=tc.seed, epoch=0, world=world).rows_per_rank
     micro_per_epoch = rows_per_worker // cfg.data.batch_size
     steps_per_epoch = micro_per_epoch // tc.grad_accum
     if tc.max_steps_per_epoch:

@@ -9,6 +9,7 @@ command line. ``ray stop`` is not used: it stops every Ray instance on the machi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -99,13 +101,13 @@ def head_command(temp_dir: str) -> tuple[list[str], dict[str, int]]:
     return cmd, ports
 
 
-@pytest.fixture(scope="module")
-def ray_head():
-    """A local Ray head with its dashboard (job API) on free loopback ports."""
-    temp_dir = tempfile.mkdtemp(prefix="rj-", dir="/tmp")  # Ray's socket paths must stay short
+@contextlib.contextmanager
+def running_head(temp_dir: str, env: dict[str, str], probe: Callable[[str], Any]) -> Iterator[str]:
+    """A ``ray start --head`` (:func:`head_command`) in ``temp_dir`` with ``env``, yielded (as its
+    job API address) once ``probe(address)`` answers; stopped on the way out."""
     cmd, ports = head_command(temp_dir)
     log = open(os.path.join(temp_dir, "ray-start.log"), "wb")
-    proc = subprocess.Popen(cmd, env=head_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{ports['dashboard']}"
     try:
         wait_for_port(ports["dashboard"], timeout=START_TIMEOUT)
@@ -113,19 +115,32 @@ def ray_head():
         while True:  # the job API answers once the dashboard's modules are up
             assert proc.poll() is None, Path(temp_dir, "ray-start.log").read_text()[-3000:]
             try:
-                with urllib.request.urlopen(f"{address}/api/version", timeout=5) as r:
-                    json.loads(r.read())
-                with urllib.request.urlopen(f"{address}/api/jobs/", timeout=5) as r:
-                    json.loads(r.read())
+                probe(address)
                 break
             except (OSError, ValueError):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"the Ray job API at {address} did not answer in {START_TIMEOUT}s")
                 time.sleep(1.0)
-        yield {"address": address, "temp_dir": temp_dir}
+        yield address
     finally:
         _stop_head(proc, temp_dir)
         log.close()
+
+
+def _job_api_answers(address: str) -> None:
+    for path in ("/api/version", "/api/jobs/"):
+        with urllib.request.urlopen(f"{address}{path}", timeout=5) as r:
+            json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A local Ray head with its dashboard (job API) on free loopback ports."""
+    temp_dir = tempfile.mkdtemp(prefix="rj-", dir="/tmp")  # Ray's socket paths must stay short
+    try:
+        with running_head(temp_dir, head_env(), _job_api_answers) as address:
+            yield {"address": address, "temp_dir": temp_dir}
+    finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

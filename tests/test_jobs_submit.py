@@ -25,8 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import wait_for_port
-from tests.test_jobs import BIN, RAY, REPO, START_TIMEOUT, _stop_head, head_command, runtime_env_json
+from tests.test_jobs import BIN, RAY, REPO, runtime_env_json, running_head
 
 pytestmark = pytest.mark.slow
 
@@ -73,28 +72,12 @@ def auth_head():
     assert gen.returncode == 0 and os.path.exists(token_path), gen.stderr[-2000:]
     token = Path(token_path).read_text().strip()
     assert len(token) >= 32 and gen.stdout.strip() == token
-    cmd, ports = head_command(temp_dir)
-    log = open(os.path.join(temp_dir, "ray-start.log"), "wb")
-    proc = subprocess.Popen(cmd, env=ray_env(home, token_path=token_path), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    address = f"http://127.0.0.1:{ports['dashboard']}"
     try:
-        wait_for_port(ports["dashboard"], timeout=START_TIMEOUT)
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:  # the job API answers once the dashboard's modules are up
-            assert proc.poll() is None, Path(temp_dir, "ray-start.log").read_text()[-3000:]
-            try:
-                http_json(f"{address}/api/jobs/", token, timeout=5)
-                break
-            except (OSError, ValueError):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the Ray job API at {address} did not answer in {START_TIMEOUT}s")
-                time.sleep(1.0)
-        yield {"address": address, "temp_dir": temp_dir, "home": home, "empty_home": empty_home,
-               "token": token, "token_path": token_path}
+        with running_head(temp_dir, ray_env(home, token_path=token_path),
+                          lambda address: http_json(f"{address}/api/jobs/", token, timeout=5)) as address:
+            yield {"address": address, "temp_dir": temp_dir, "home": home, "empty_home": empty_home,
+                   "token": token, "token_path": token_path}
     finally:
-        _stop_head(proc, temp_dir)
-        log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

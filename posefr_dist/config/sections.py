@@ -269,17 +269,31 @@ class TrainConfig:
     pretrained_lr_mult: float = 1.0
     #: the parameters loaded from ``model.pretrained_2d`` stay frozen for this many epochs
     freeze_pretrained_epochs: int = 0
-    #: Ray Train workers; ``min_workers`` > 0 makes the group elastic in [min_workers, num_workers]
+    #: Ray Train workers; ``min_workers`` > 0 makes the group elastic in [min_workers, num_workers]:
+    #: it (re)starts with as many workers as the cluster holds (at least ``min_workers``) and grows
+    #: back when capacity returns (checked every ``elastic_resize_interval_s``; a resize restarts
+    #: the group from its last checkpoint)
     num_workers: int = 2
     min_workers: int = 0
+    elastic_resize_interval_s: float = 60.0
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
+    #: custom Ray resources each worker also needs, e.g. ``{train_slot: 1}`` where every node
+    #: offers one ``train_slot``, so that a node hosts one worker (and a lost node costs one)
+    worker_resources: dict[str, float] = field(default_factory=dict)
     #: where runs, checkpoints and results go: a folder or s3:// URI
     storage_path: str = "out/runs"
     run_name: str = "posefr-train"
     #: worker-group restarts allowed after failures (resumes from the last checkpoint)
     max_failures: int = 2
+    #: restarts allowed after node preemptions (drained nodes: spot reclaims, SIGTERM to a Ray
+    #: node), counted apart from ``max_failures``; -1 = unlimited
+    max_preemptions: int = -1
+    #: every N optimizer steps the workers ask Ray Train whether a node of theirs is being
+    #: preempted (a barrier across workers); on the first notice they save a checkpoint at once
+    #: and train on until the node goes. 0 = never ask
+    preemption_check_steps: int = 1
     #: checkpoints kept, best first by ``checkpoint_metric``
     keep_checkpoints: int = 2
     checkpoint_metric: str = "val/tar@far=0.01/90+"
@@ -320,6 +334,14 @@ class TrainConfig:
         _check(self.num_workers >= 1, "train.num_workers", f"must be >= 1, got {self.num_workers}")
         _check(0 <= self.min_workers <= self.num_workers, "train.min_workers",
                f"must be in [0, num_workers={self.num_workers}]")
+        _check(self.elastic_resize_interval_s > 0, "train.elastic_resize_interval_s", "must be > 0")
+        _check(self.max_preemptions >= -1, "train.max_preemptions", "must be >= -1 (-1 = unlimited)")
+        _check(self.preemption_check_steps >= 0, "train.preemption_check_steps", "must be >= 0")
+        for name, amount in self.worker_resources.items():
+            _check(name not in ("CPU", "GPU", "memory") and isinstance(amount, (int, float)) and amount > 0,
+                   f"train.worker_resources.{name}",
+                   "must be a custom resource (CPU and GPU have their own keys) with an amount > 0")
+        self.worker_resources = {str(k): float(v) for k, v in self.worker_resources.items()}
         _check(self.cpus_per_worker > 0, "train.cpus_per_worker", "must be > 0")
         _check(self.gpus_per_worker > 0, "train.gpus_per_worker", "must be > 0")
         _check(bool(self.storage_path), "train.storage_path", "must not be empty")

@@ -4,7 +4,9 @@ Each worker builds the model, wraps it in a DeepSpeed engine, streams its share 
 (its planned batches from ``posefr_dist.data.loader``), and at every epoch end (and every ``val_every_steps``)
 validates the 2D branch on the val split with the exact pose-binned protocol, saves a checkpoint
 and reports both with ``ray.train.report``. A restarted worker group resumes from the last reported
-checkpoint; an explicit ``resume_from`` does the same from any checkpoint.
+checkpoint (on whatever world size it restarts with); an explicit ``resume_from`` does the same
+from any checkpoint. Run-control pieces (optimizer, preemption notices, world-size changes) are in
+``posefr_dist.train.control``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import json
 import logging
 import math
 import os
-import signal
 import tempfile
 import time
 from typing import Any, Iterator
@@ -24,6 +25,8 @@ import torch
 from posefr_dist.config import Config
 from posefr_dist.data.loader import RankBatches, RankStream, iter_split, plan_for
 from posefr_dist.data.pipeline import collate
+from posefr_dist.train.control import (Chaos, PreemptionCheck, PretrainedFreeze, build_optimizer, je_weight,
+                                       position_for_world, refresh_lr, set_report_log_level, sync_buffers)
 
 log = logging.getLogger("posefr.train")
 
@@ -80,143 +83,9 @@ def validate(cfg: Config, emb: dict[str, np.ndarray]) -> dict[str, float]:
     return flatten_report(report)
 
 
-def sync_buffers(module: torch.nn.Module, world: int) -> None:
-    """Give every rank rank 0's buffers (batch-norm statistics, AdaFace's norm EMA).
-
-    Buffers are not gradients, so data parallelism leaves them to drift apart per rank; like
-    DDP's ``broadcast_buffers`` we broadcast rank 0's after every optimizer step. That also makes
-    rank 0's checkpoint the whole state of every rank, so a resumed run continues exactly.
-    """
-    if world < 2:
-        return
-    import torch.distributed as dist
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-    bufs = [b for b in module.buffers() if b.is_floating_point() or b.dtype in (torch.int64, torch.int32)]
-    if not bufs:
-        return
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for b in bufs:
-        by_dtype.setdefault(b.dtype, []).append(b)
-    for group in by_dtype.values():
-        flat = _flatten_dense_tensors([b.data for b in group])
-        dist.broadcast(flat, src=0)
-        for b, v in zip(group, _unflatten_dense_tensors(flat, [b.data for b in group])):
-            b.data.copy_(v)
-
-
-class _Chaos:
-    """``train.chaos_kill_at = EPOCH:STEP:RANK``: that worker dies (SIGKILL) once per run."""
-
-    def __init__(self, spec: str, marker: str):
-        self.at = tuple(int(x) for x in spec.split(":")) if spec else None
-        self.marker = marker
-
-    def maybe_die(self, epoch: int, step_in_epoch: int, rank: int) -> None:
-        if self.at is None or (epoch, step_in_epoch, rank) != self.at or os.path.exists(self.marker):
-            return
-        os.makedirs(os.path.dirname(self.marker), exist_ok=True)
-        with open(self.marker, "w") as f:
-            f.write(f"killed rank {rank} at epoch {epoch} step {step_in_epoch}\n")
-        log.warning("chaos: killing worker rank %d at epoch %d step %d", rank, epoch, step_in_epoch)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def set_report_log_level(level: str) -> None:
-    """Apply ``train.ray_log_level`` to Ray Train's per-report log line in this worker.
-
-    Ray Train 2.60 logs every report (its whole metrics dict, per rank) at INFO from a logger named
-    after the file path of its ``execution/context.py``, outside ``ray.train``, so RunConfig's
-    ``logging_config`` does not reach it.
-    """
-    try:
-        from ray.train.v2._internal.execution import context as train_context
-    except ImportError:  # another Ray layout: nothing to quiet
-        return
-    logging.getLogger(train_context.__file__).setLevel(level)
-
-
-class PretrainedFreeze:
-    """``train.freeze_pretrained_epochs``: the epoch the loop is in, which the learning-rate lambdas
-    of the pretrained groups read (factor 0 while frozen), and the pretrained batch norms that stay
-    in eval mode meanwhile.
-
-    Freezing by learning rate, not ``requires_grad``, is what DeepSpeed ZeRO 0-2 allows after
-    ``deepspeed.initialize`` (its flat partitions are built once); SGD's and AdamW's weight decay
-    are scaled by the learning rate, so a zero rate leaves the weights exactly as they are.
-    """
-
-    def __init__(self, epochs: int, batchnorms: Any = ()) -> None:
-        self.epochs = int(epochs)
-        self.epoch = 0
-        self.batchnorms = list(batchnorms)
-
-    @property
-    def active(self) -> bool:
-        return self.epoch < self.epochs
-
-    def set_epoch(self, epoch: int, scheduler: Any = None) -> None:
-        """Enter ``epoch``: recompute every group's learning rate for it, and apply :meth:`apply_eval`."""
-        self.epoch = int(epoch)
-        if scheduler is not None:
-            refresh_lr(scheduler)
-        self.apply_eval()
-
-    def apply_eval(self) -> None:
-        """While frozen, the pretrained batch norms go (back) to eval mode; call after ``train()``."""
-        if self.active:
-            for m in self.batchnorms:
-                m.eval()
-
-
-def refresh_lr(scheduler: Any) -> None:
-    """Set each group's learning rate from a ``LambdaLR``'s lambdas at its current step (the lambdas
-    may depend on state that changed since the scheduler's last step, e.g. the epoch)."""
-    groups = scheduler.optimizer.param_groups
-    for g, f, base in zip(groups, scheduler.lr_lambdas, scheduler.base_lrs):
-        g["lr"] = base * f(scheduler.last_epoch)
-    scheduler._last_lr = [g["lr"] for g in groups]
-
-
-def build_optimizer(model: torch.nn.Module, tc: Any, total_steps: int, pretrained: dict[str, Any] | None = None
-                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, PretrainedFreeze]:
-    """The optimizer, its schedule and the freeze control of a run.
-
-    Every group follows the warm-up + cosine schedule (:func:`lr_lambda`) times its base rate.
-    With ``pretrained`` (what ``load_pretrained_2d`` returned) and ``train.pretrained_lr_mult`` != 1
-    or ``train.freeze_pretrained_epochs`` > 0, the loaded parameters get their own groups at
-    ``lr * pretrained_lr_mult`` (see :func:`make_optimizer`), whose factor is 0 for epochs below
-    ``freeze_pretrained_epochs`` (call ``freeze.set_epoch(epoch, scheduler)`` at every epoch start).
-    Otherwise the groups are the plain decay/no-decay pair.
-    """
-    from posefr_dist.train.deepspeed import lr_lambda
-    from posefr_dist.train.reference import make_optimizer, pretrained_batchnorms
-
-    split = bool(pretrained) and (tc.pretrained_lr_mult != 1.0 or tc.freeze_pretrained_epochs > 0)
-    params = list(pretrained["params"]) if split and pretrained else []
-    optimizer = make_optimizer(model, tc.optimizer, tc.lr, tc.weight_decay, tc.momentum, pretrained=params,
-                               pretrained_lr_mult=tc.pretrained_lr_mult)
-    freeze = PretrainedFreeze(tc.freeze_pretrained_epochs if split else 0,
-                              pretrained_batchnorms(model, pretrained["loaded"]) if split and pretrained else ())
-    base = lr_lambda(tc, total_steps)
-
-    def frozen_or_base(step: int) -> float:
-        return 0.0 if freeze.active else base(step)
-
-    lambdas = [frozen_or_base if g.get("pretrained") else base for g in optimizer.param_groups]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
-    return optimizer, scheduler, freeze
-
-
-def je_weight(base: float, epoch: int, warmup_epochs: int) -> float:
-    """``loss.je_warmup_epochs``: lambda_JE of ``epoch``, rising linearly to ``base``."""
-    if warmup_epochs <= 0:
-        return base
-    return base * min(1.0, (epoch + 1) / (warmup_epochs + 1))
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
+    import ray.util
 
     from posefr_dist.metrics import TrainingMetrics, start_training_exporter
     from posefr_dist.model import build_model
@@ -281,29 +150,45 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         rfs, rpath = storage.filesystem(tc.resume_from)
         resume = ray.train.Checkpoint(path=rpath, filesystem=rfs)
+    micro_needed = steps_per_epoch * tc.grad_accum
     if resume is not None:
         with resume.as_directory() as d:
             m = ckpt.load(engine, d, world)
         pos = m.get("data_position", {})
         start_epoch, skip_batches = int(pos.get("epoch", m["epoch"] + 1)), int(pos.get("batches", 0))
         global_step = int(m["global_step"])
+        saved_world = int(m.get("world_size", world))
+        if saved_world != world:
+            # another world size (an elastic resize, a restart on fewer nodes): same share of the epoch
+            start_epoch, skip_batches, global_step = position_for_world(
+                start_epoch, skip_batches, saved_world, world, cfg.data.batch_size, tc.grad_accum, steps_per_epoch)
+            if scheduler is not None:  # the schedule's position in this world's step count
+                scheduler.last_epoch = global_step
+                refresh_lr(scheduler)
         if rank == 0:
-            log.info("resumed from checkpoint (epoch %s, step %d, optimizer %s); continuing at epoch %d batch %d",
-                     m["epoch"], global_step, m["optimizer_state"], start_epoch, skip_batches)
+            log.info("resumed from checkpoint (epoch %s, step %d, %d worker(s), optimizer %s); continuing on %d "
+                     "worker(s) at epoch %d batch %d", m["epoch"], int(m["global_step"]), saved_world,
+                     m["optimizer_state"], world, start_epoch, skip_batches)
 
     metrics = TrainingMetrics()
     server = start_training_exporter(metrics, tc.metrics_port) if (rank == 0 and tc.metrics_port) else None
-    chaos = _Chaos(tc.chaos_kill_at, os.path.join(config.get("chaos_dir") or tempfile.gettempdir(), "chaos-fired"))
+    chaos = Chaos(tc.chaos_kill_at, os.path.join(config.get("chaos_dir") or tempfile.gettempdir(), "chaos-fired"))
     trace = None
     if cfg.data.trace_dir:
         os.makedirs(cfg.data.trace_dir, exist_ok=True)
         trace = open(os.path.join(cfg.data.trace_dir, f"rank{rank}.jsonl"), "a")
+        # one line per worker start: where each rank of each (re)started group ran and resumed
+        with open(os.path.join(cfg.data.trace_dir, "workers.jsonl"), "a") as f:
+            f.write(json.dumps({"rank": rank, "world": world, "node_ip": ray.util.get_node_ip_address(),
+                                "pid": os.getpid(), "epoch": start_epoch, "batch": skip_batches,
+                                "global_step": global_step, "time": time.time()}) + "\n")
     zero3 = tc.zero_stage == 3
     t_run = time.perf_counter()
 
-    def checkpoint_and_report(epoch: int, step_in_epoch: int, end_of_epoch: bool, epoch_stats: dict[str, float]):
+    def checkpoint_and_report(epoch: int, step_in_epoch: int, end_of_epoch: bool, epoch_stats: dict[str, float],
+                              validate_now: bool = True):
         emb = None
-        if rank == 0 or zero3:  # under ZeRO-3 every rank takes part in each forward
+        if validate_now and (rank == 0 or zero3):  # under ZeRO-3 every rank takes part in each forward
             emb = embed_split(engine.module, (collate(b) for b in iter_split(val_h, cfg.data, cfg.eval.batch_size)),
                               device, dtype)
         report: dict[str, Any] = dict(epoch_stats)
@@ -339,7 +224,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     if k.startswith("val/tar@far=0.01/") and isinstance(v, float)}
             log.info("epoch %d step %d: validation %s", epoch, global_step, tars)
 
-    micro_needed = steps_per_epoch * tc.grad_accum
+    preemption = PreemptionCheck(tc.preemption_check_steps)
     # a streamed split: one read for the rest of the run (the cached one is indexed in memory)
     stream = None if train_h.is_cached else RankStream(
         train_h, cfg.data, seed=tc.seed, rank=rank, world=world, epochs=list(range(start_epoch, tc.epochs)),
@@ -406,10 +291,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                          "data wait %.0f%% ETA %.0fs", epoch, step_in_epoch, steps_per_epoch, terms["loss"],
                          terms["loss_2d"], terms["loss_3d"], terms["loss_je"], lr, rate,
                          100 * wait / max(dt, 1e-9), eta)
-            if tc.val_every_steps and global_step % tc.val_every_steps == 0 and step_in_epoch < steps_per_epoch:
+            mid_epoch = step_in_epoch < steps_per_epoch
+            if tc.val_every_steps and global_step % tc.val_every_steps == 0 and mid_epoch:
                 checkpoint_and_report(epoch, step_in_epoch, False, _epoch_stats(sums, seen, world, wait, t_epoch,
                                                                                  scheduler, tc))
                 freeze.apply_eval()  # validation put the whole model back in training mode
+            elif preemption.notice(global_step) and mid_epoch:
+                # a just-in-time checkpoint (no validation: the node's grace period is short); the run
+                # trains on until the node goes, and the restarted group resumes from here
+                stats = _epoch_stats(sums, seen, world, wait, t_epoch, scheduler, tc)
+                stats["preemption_checkpoint"] = 1.0
+                checkpoint_and_report(epoch, step_in_epoch, False, stats, validate_now=False)
+                if rank == 0:
+                    log.warning("preemption checkpoint saved at epoch %d step %d", epoch, global_step)
         loader.close()
         stats = _epoch_stats(sums, seen, world, wait, t_epoch, scheduler, tc)
         metrics.data_wait.set(stats["data_wait_fraction"])
@@ -433,5 +327,7 @@ def _epoch_stats(sums, seen, world, wait, t_epoch, scheduler, tc) -> dict[str, f
     return out
 
 
+# the run-control helpers are imported from here too (posefr_dist.train.control)
 __all__ = ["train_loop_per_worker", "config_from_dict", "flatten_report", "embed_split", "validate",
-           "sync_buffers", "build_optimizer", "PretrainedFreeze", "refresh_lr", "je_weight"]
+           "sync_buffers", "build_optimizer", "PretrainedFreeze", "refresh_lr", "je_weight", "position_for_world",
+           "PreemptionCheck", "Chaos"]

@@ -7,7 +7,6 @@ message naming the field.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -91,6 +90,9 @@ def check_config(cfg: Config) -> dict[str, Any]:
         raise ConfigError(
             f"data.batch_size: {cfg.data.batch_size} x train.grad_accum {tc.grad_accum} exceeds the "
             f"{per_worker} train rows each of the {tc.num_workers} workers gets")
+    if tc.min_workers and tc.zero_stage and tc.min_workers < tc.num_workers:
+        log.warning("train.min_workers with ZeRO-%d: a resize restores the consolidated weights with a fresh "
+                    "optimizer state (ZeRO partitions are per world size)", tc.zero_stage)
     if cfg.model.variant != "2d-only" and meta["num_points"] <= 0:
         raise ConfigError(f"model.variant: {cfg.model.variant} needs 3D points but the shards have none")
     check_pretrained_2d(cfg, meta)
@@ -158,7 +160,7 @@ def build_trainer(cfg: Config, meta: dict[str, Any], callbacks: list | None = No
     # decoded once here when data.cache allows; every worker then reads its planned batches (a
     # function of seed, epoch and world size) from the cache or its own stream: see data/loader.py
     handles = prepare(cfg.data.uri, cfg.data)
-    resources = {"CPU": tc.cpus_per_worker}
+    resources = {"CPU": tc.cpus_per_worker, **tc.worker_resources}
     if tc.use_gpu:
         resources["GPU"] = tc.gpus_per_worker
     workers = (tc.min_workers, tc.num_workers) if tc.min_workers else tc.num_workers
@@ -170,10 +172,12 @@ def build_trainer(cfg: Config, meta: dict[str, Any], callbacks: list | None = No
         train_loop_config={"cfg": worker_config(cfg), "meta": meta, "chaos_dir": chaos_dir, "data": handles},
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=tc.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources,
+                                               elastic_resize_monitor_interval_s=tc.elastic_resize_interval_s),
         run_config=ray.train.RunConfig(
             name=tc.run_name, storage_path=path, storage_filesystem=fs,
-            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures,
+                                                   max_preemption_failures=tc.max_preemptions),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=tc.keep_checkpoints, checkpoint_score_attribute=tc.checkpoint_metric,
                 checkpoint_score_order=tc.checkpoint_mode),

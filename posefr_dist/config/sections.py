@@ -69,7 +69,7 @@ class DataConfig:
     decode_cpus: float = 1.0
     #: ``memory``: decode each split once into the object store and index it every epoch;
     #: ``off``: stream and decode every epoch; ``auto``: memory when the decoded split fits
-    #: ``cache_fraction`` of the object store, else off
+    #: ``cache_fraction`` of the object store of the driver's node (where the cache lives), else off
     cache: str = "auto"
     #: share of the object store the decoded train + val splits may take under ``cache: auto``
     cache_fraction: float = 0.5
@@ -291,9 +291,11 @@ class TrainConfig:
     #: node), counted apart from ``max_failures``; -1 = unlimited
     max_preemptions: int = -1
     #: every N optimizer steps the workers ask Ray Train whether a node of theirs is being
-    #: preempted (a barrier across workers); on the first notice they save a checkpoint at once
-    #: and train on until the node goes. 0 = never ask
-    preemption_check_steps: int = 1
+    #: preempted (a barrier across workers, one round trip to Ray Train's controller); on the
+    #: first notice they save a checkpoint at once and train on until the node goes. Ray notices
+    #: a drain within RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S (5 s): keep N steps well inside the
+    #: nodes' grace period. 0 = never ask
+    preemption_check_steps: int = 10
     #: checkpoints kept, best first by ``checkpoint_metric``
     keep_checkpoints: int = 2
     checkpoint_metric: str = "val/tar@far=0.01/90+"

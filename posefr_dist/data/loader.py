@@ -68,13 +68,17 @@ def cache_split(source: SplitSource, cfg: DataConfig) -> Any:
     import time
 
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     t0 = time.perf_counter()
     ds = source.dataset(source.file_order_windows(cfg.decode_batch_size), drop_invalid=False,
                         concurrency=cfg.decode_concurrency, cpus_per_task=cfg.decode_cpus)
     mat = ds.materialize()
     refs = mat.to_numpy_refs()
-    ref = ray.remote(num_cpus=0)(_assemble).remote(source.layout.total_rows, *refs)
+    # assembled on the driver's node, so the cache lives as long as the run does: a lost worker
+    # node takes none of it (workers on other nodes fetch it once per worker start)
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    ref = ray.remote(num_cpus=0, scheduling_strategy=here)(_assemble).remote(source.layout.total_rows, *refs)
     ray.wait([ref], fetch_local=False)
     del mat, refs
     log.info("%s split decoded once and cached: %d rows, %.0f MiB, in %.1fs", source.split,
@@ -89,9 +93,12 @@ def cache_decision(sources: list[SplitSource], cfg: DataConfig) -> bool:
     import ray
 
     need = sum(s.decoded_bytes() for s in sources)
-    store = float(ray.cluster_resources().get("object_store_memory", 0.0))
+    # the cache is assembled on this (the driver's) node: its object store is what counts
+    here = ray.get_runtime_context().get_node_id()
+    store = next((float(n["Resources"].get("object_store_memory", 0.0)) for n in ray.nodes()
+                  if n["NodeID"] == here and n["Alive"]), float(ray.cluster_resources().get("object_store_memory", 0.0)))
     fits = need <= cfg.cache_fraction * store
-    log.info("data.cache=auto: decoded train+val need %.0f MiB, %.0f%% of the object store is %.0f MiB: %s",
+    log.info("data.cache=auto: decoded train+val need %.0f MiB, %.0f%% of this node's object store is %.0f MiB: %s",
              need / 2**20, 100 * cfg.cache_fraction, cfg.cache_fraction * store / 2**20,
              "caching" if fits else "streaming")
     return fits

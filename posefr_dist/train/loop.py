@@ -254,7 +254,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             micro += 1
             chaos.maybe_die(epoch, step_in_epoch, rank)
             if trace is not None:
-                trace.write(json.dumps({"epoch": epoch, "batch": micro - 1, "gid": batch["gid"].tolist()}) + "\n")
+                trace.write(json.dumps({"epoch": epoch, "batch": micro - 1, "gid": batch["gid"].tolist(),
+                                       "time": time.time()}) + "\n")
                 trace.flush()
             inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "gid"}
             inputs["image"] = inputs["image"].to(dtype)

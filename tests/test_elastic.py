@@ -82,3 +82,18 @@ def test_elastic_settings_make_a_valid_scaling_config():
     assert (sc.min_workers, sc.max_workers) == (1, 2)
     assert sc._resources_per_worker_not_none["train_slot"] == 1.0
     ray.train.FailureConfig(max_failures=tc.max_failures, max_preemption_failures=tc.max_preemptions)
+
+
+def test_gpu_pods_drain_within_their_grace_period():
+    """The GPU worker pods of k8s/base/raycluster.yaml: SIGTERM drains the Ray node (the notice
+    the training workers save a checkpoint on) for less time than Kubernetes waits before SIGKILL."""
+    from pathlib import Path
+
+    import yaml
+
+    doc = yaml.safe_load((Path(__file__).resolve().parents[1] / "k8s" / "base" / "raycluster.yaml").read_text())
+    group = next(g for g in doc["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu")
+    spec = group["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+    drain = float(env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"])
+    assert 30 <= drain < spec["terminationGracePeriodSeconds"]

@@ -6,6 +6,7 @@
 # it on a trusted machine only; the dashboard / job API stays on 127.0.0.1.
 #
 # Usage: cluster/local_cluster.sh start|stop|status
+#        cluster/local_cluster.sh hosts ARGS...  (nodes as hosts in network namespaces: cluster/testbed.sh)
 #
 #   cluster/local_cluster.sh start
 #   RAY_AUTH_MODE=disabled ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
@@ -53,6 +54,7 @@ if [[ -x "$RAY_BIN_DIR/python" ]]; then export PATH="$RAY_BIN_DIR:$PATH"; fi
 
 usage() {
   echo "usage: $0 start|stop|status" >&2
+  echo "       $0 hosts up|down|kill|cut|heal|preempt|restart|exec|status|nodes|wait|env ..." >&2
   exit 2
 }
 
@@ -191,6 +193,7 @@ cmd_status() {
 }
 
 case "${1:-}" in
+  hosts) shift; exec "$ROOT/cluster/testbed.sh" "$@" ;;
   start) cmd_start ;;
   stop) cmd_stop ;;
   status) cmd_status ;;

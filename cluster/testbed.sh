@@ -30,12 +30,14 @@
 #                                        POSEFR_TESTBED_GRACE + 5) SIGKILL whatever is left in
 #                                        the namespace. Returns at once (a background reaper,
 #                                        which `down` and `restart` stop) unless --wait.
-#   cluster/testbed.sh restart HOST      start HOST again (after kill / preempt / cut + heal): ends
+#   cluster/testbed.sh restart HOST [--force]
+#                                        start HOST again (after kill / preempt / cut + heal): ends
 #                                        whatever still runs there first (a cut raylet may still
 #                                        be running, or may have exited once it learnt the GCS
 #                                        had marked it dead), then waits until its node is alive.
-#                                        Restarting the head starts a new, empty GCS and S3: the
-#                                        workers have to be restarted too.
+#                                        A host that runs with its node alive is left alone
+#                                        unless --force. Restarting the head starts a new, empty
+#                                        GCS and S3: the workers have to be restarted too.
 #   cluster/testbed.sh exec HOST CMD...  run CMD in HOST's namespace with the testbed environment
 #   cluster/testbed.sh status            hosts, addresses, link state, processes, Ray's nodes
 #   cluster/testbed.sh nodes             Ray's nodes as JSON lines (node_id, ip, state,
@@ -119,7 +121,7 @@ die() { log "$*"; exit 1; }
 usage() {
   cat >&2 <<'EOF'
 usage: cluster/testbed.sh up [N] | down | kill HOST | cut HOST | heal HOST |
-                          preempt HOST [GRACE] [--wait] | restart HOST | exec HOST CMD... |
+                          preempt HOST [GRACE] [--wait] | restart HOST [--force] | exec HOST CMD... |
                           status | nodes | wait HOST alive|dead [TIMEOUT] | env
 EOF
   exit 2
@@ -656,12 +658,27 @@ cmd_reap() {
 
 cmd_restart() {
   require_root_ip
-  local host="$1"
+  local host="" force=0 a
+  for a in "$@"; do
+    case "$a" in
+      --force) force=1 ;;
+      *) [[ -z "$host" ]] || usage; host="$a" ;;
+    esac
+  done
+  [[ -n "$host" ]] || usage
   check_host "$host"
   [[ -n "$(ip netns list | awk '{print $1}' | grep -Fx "$(ns_of "$host")")" ]] ||
     die "no namespace $(ns_of "$host"): the testbed is not up"
   ip -o link show "$(link_of "$host")" | grep -q '[<,]UP[,>]' ||
     die "$host's link is cut: \`heal $host\` first"
+  # a host that runs and whose node Ray sees alive is left alone (unless --force); not one with
+  # a preemption under way (its node drains, still alive)
+  if ((!force)) && running "$(pid_of "$host" ray)" && ! running "$(pid_of "$host" reaper)" &&
+    { [[ "$host" != head ]] || running "$(pid_of head s3)"; } &&
+    head_python -c "$NODES_PY" "$(ip_of head):$GCS_PORT" wait 1 "$(ip_of "$host")" >/dev/null 2>&1; then
+    log "$host runs and its node is alive: nothing to restart (--force restarts it all the same)"
+    return 0
+  fi
   stop_reaper "$host"
   if [[ -n "$(ns_pids "$(ns_of "$host")")" ]]; then
     log "$host: ending the processes still running there"
@@ -761,7 +778,7 @@ case "$cmd" in
   heal) (($# == 1)) || usage; load_conf; cmd_link "$1" up ;;
   preempt) (($# >= 1)) || usage; load_conf; cmd_preempt "$@" ;;
   _reap) (($# == 2)) || usage; load_conf; cmd_reap "$@" ;;
-  restart) (($# == 1)) || usage; load_conf; cmd_restart "$1" ;;
+  restart) (($# == 1 || $# == 2)) || usage; load_conf; cmd_restart "$@" ;;
   exec) (($# >= 2)) || usage; load_conf; cmd_exec "$@" ;;
   nodes) (($# == 0)) || usage; load_conf; cmd_nodes ;;
   wait) (($# == 2 || $# == 3)) || usage; load_conf; cmd_wait "$@" ;;

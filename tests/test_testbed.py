@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import time
 
 import pytest
 
-from tests.testbed import Testbed, processes_mentioning, testbed_fixture
+from tests.testbed import SCRIPT, Testbed, processes_mentioning, testbed_fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.testbed]
 
@@ -50,6 +52,28 @@ hosts = sys.argv[1:]
 refs = {h: probe.options(resources={f"host_{h}": 0.01}).remote(h) for h in hosts}
 print("PROBE " + json.dumps({h: ray.get(r, timeout=120) for h, r in refs.items()}))
 """
+
+
+def test_script_says_what_is_missing_without_root_or_ip(tmp_path):
+    """Exit 2 with the reason (no testbed needed)."""
+    assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
+    res = subprocess.run([str(SCRIPT)], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2 and "usage:" in res.stderr
+    # no `ip` on PATH
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for d in ("/usr/bin", "/bin"):
+        for f in os.listdir(d) if os.path.isdir(d) else []:
+            if f != "ip" and not (bindir / f).exists():
+                (bindir / f).symlink_to(os.path.join(d, f))
+    res = subprocess.run([str(SCRIPT), "down"], capture_output=True, text=True, timeout=30,
+                         env={**os.environ, "PATH": str(bindir)})
+    assert res.returncode == 2 and "iproute2" in res.stderr, res.stderr
+    # not root
+    if os.geteuid() == 0 and shutil.which("setpriv"):
+        res = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+                              str(SCRIPT), "status"], capture_output=True, text=True, timeout=30)
+        assert res.returncode == 2 and "root" in res.stderr, res.stderr
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +137,10 @@ def test_killed_host_leaves_no_process_is_marked_dead_and_restarts(bed: Testbed)
     bed.restart("w1")
     assert bed.alive_ips() == {bed.ip(h) for h in bed.hosts}
     assert bed.alive_nodes() == 3
+    # a host that runs with its node alive: `restart` leaves it alone
+    pids = bed.pids("w1")
+    bed.restart("w1")
+    assert set(pids) <= set(bed.pids("w1")), "restart ended processes of a running host"
 
 
 def test_up_over_a_crashed_testbed(bed: Testbed):

@@ -276,11 +276,12 @@ class Testbed:
         self.script(*args, *(["--wait"] if wait else []),
                     timeout=(grace if grace is not None else self.grace + 5) + 60)
 
-    def restart(self, host: str) -> None:
+    def restart(self, host: str, force: bool = False) -> None:
         """Start Ray on the host again (ending what still runs there first); returns once its
-        node is alive. Heal a cut host first."""
+        node is alive. A host that runs with its node alive is left alone unless ``force``.
+        Heal a cut host first. Restarting the head needs the workers restarted too."""
         self.ip(host)
-        self.script("restart", host, timeout=self.timeout + 60)
+        self.script("restart", host, *(["--force"] if force else []), timeout=self.timeout * 2 + 60)
 
     # --- commands inside hosts ----------------------------------------------------------------
     def _exec_argv(self, host: str, argv: Sequence[str]) -> list[str]:

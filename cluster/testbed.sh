@@ -15,7 +15,9 @@
 #
 # Usage:
 #   cluster/testbed.sh up [N]            head + N worker hosts (default 2); waits until S3
-#                                        answers and the head sees N+1 alive nodes
+#                                        answers and the head sees N+1 alive nodes. Cleans up a
+#                                        stale (crashed) testbed of the same name first; refuses
+#                                        a running one and a subnet some interface already uses
 #   cluster/testbed.sh down              stop everything the testbed started, delete its
 #                                        namespaces, veths, bridge and state folder; idempotent,
 #                                        also cleans up after a crashed run of the same name;
@@ -40,8 +42,10 @@
 #                                        GCS and S3: the workers have to be restarted too.
 #   cluster/testbed.sh exec HOST CMD...  run CMD in HOST's namespace with the testbed environment
 #   cluster/testbed.sh status            hosts, addresses, link state, processes, Ray's nodes
-#   cluster/testbed.sh nodes             Ray's nodes as JSON lines (node_id, ip, state,
-#                                        resources), asked from the head's namespace
+#   cluster/testbed.sh nodes             Ray's nodes as JSON lines (node_id, ip, state ALIVE /
+#                                        DEAD, activity IDLE / ACTIVE / DRAINING, resources, and
+#                                        death_reason / death_message of a dead one), asked from
+#                                        the head's namespace
 #   cluster/testbed.sh wait HOST alive|dead [TIMEOUT]
 #                                        wait (default 60 s) until Ray sees HOST's node alive /
 #                                        dead; prints the seconds it took
@@ -86,10 +90,11 @@
 #                                      default 1000, Ray's 10000)
 #   POSEFR_TESTBED_HEALTH_FAILURES     failed checks in a row before the GCS marks the node dead
 #                                      (RAY_health_check_failure_threshold; default 5, Ray's 5).
-#                                      So a lost or cut host is marked dead after about
-#                                      FAILURES x (PERIOD + TIMEOUT) = 10 s at most (a killed one
-#                                      sooner: its refused connections fail at once), instead of
-#                                      Ray's default of about a minute.
+#                                      So a cut host is marked dead after at most about
+#                                      FAILURES x (PERIOD + TIMEOUT) = 10 s (its checks time out;
+#                                      measured ~5-6 s with FAILURES=3), a killed one sooner (its
+#                                      address refuses connections at once; ~3 s), instead of
+#                                      Ray's default of up to a minute.
 #   POSEFR_TESTBED_PASS_ENV      more variable names (space-separated) whose values at `up` the
 #                                hosts' processes (and `exec`) get, e.g. RAY_TRAIN_* settings
 #   POSEFR_TESTBED_WORKER_RESOURCES  more custom resources of every worker host, a JSON object
@@ -100,8 +105,27 @@
 #   MOTO_SERVER                  moto's server command (default: moto_server next to $RAY)
 #
 # Each namespace has its own network stack, so every host uses Ray's default ports (GCS 6379,
-# dashboard 8265, ...) without clashes, also with other Ray instances on the machine. The hosts
-# still share the filesystem and /dev/shm: that is why each host has its own Ray temp dir.
+# dashboard 8265, client 10001, ...) without clashes, also with other Ray instances on the
+# machine. The hosts still share the filesystem and /dev/shm: that is why each host has its own
+# Ray temp dir. They also share the CPUs and memory: every node reports the whole machine's
+# memory, and the CPUs are only what --num-cpus says.
+#
+# Good to know about Ray here:
+# - A Ray driver must run on a host (`exec head python ...`, or `ray job submit` to the job API):
+#   the root namespace has no Ray node of its own.
+# - A cut host's raylet keeps running; once healed it learns that the GCS marked it dead and
+#   exits by itself (within seconds), or, cut for longer, it exits after Ray's
+#   RAY_gcs_rpc_server_reconnect_timeout_s (60 s). Either way it needs `restart`: a dead node
+#   never comes back alive in Ray, the restarted host is a new node (new node id, same address).
+# - Ray gives a starting node 30 s to register with the GCS, and its raylet registers only
+#   once the node's Python agents are up: on a loaded machine `ray start` can give up, so `up`
+#   and `restart` start such a host again until POSEFR_TESTBED_TIMEOUT. The hosts also get
+#   RAY_gcs_server_port_wait_time_s=POSEFR_TESTBED_TIMEOUT: a worker waits that long for the GCS.
+# - SIGTERM to `ray start --block` drains the node (GCS: activity DRAINING, then DEAD with
+#   death_reason AUTOSCALER_DRAIN_PREEMPTED); an idle node finishes draining at once.
+# - Traffic between hosts crosses the bridge. Where br_netfilter is loaded and the firewall's
+#   FORWARD policy drops (a Docker host), bridged packets may be dropped: allow the bridge there;
+#   this script changes no firewall rules.
 # Every process is started with setsid, its pid in <state>/<host>/*.pid and its output in
 # <state>/<host>/*.log; `down` finds whatever runs in the namespaces with `ip netns pids`
 # (Ray's worker processes are children of the raylet, in the same namespace), sends SIGTERM,
@@ -364,11 +388,20 @@ import json, os, sys, time
 from ray._raylet import GcsClient
 from ray.core.generated import gcs_pb2
 address, mode = sys.argv[1], sys.argv[2]
+def enum(msg, field, enum_name):
+    return msg.DESCRIPTOR.enum_types_by_name[enum_name].values_by_number[getattr(msg, field)].name
 def nodes():
     infos = GcsClient(address=address).get_all_node_info(timeout=5)
-    return [dict(node_id=nid.hex(), ip=n.node_manager_address,
+    out = []
+    for nid, n in infos.items():
+        d = dict(node_id=nid.hex(), ip=n.node_manager_address,
                  state=gcs_pb2.GcsNodeInfo.GcsNodeState.Name(n.state),
-                 resources=dict(n.resources_total)) for nid, n in infos.items()]
+                 activity=enum(n.state_snapshot, "state", "State"), resources=dict(n.resources_total))
+        if d["state"] == "DEAD":
+            d.update(death_reason=enum(n.death_info, "reason", "Reason"),
+                     death_message=n.death_info.reason_message)
+        out.append(d)
+    return out
 if mode == "nodes":
     for n in sorted(nodes(), key=lambda n: (n["ip"], n["state"])):
         print(json.dumps(n))
@@ -529,7 +562,7 @@ cmd_up() {
   # own ports). Not all together: on a small machine that slows the head's own start, and a node
   # that does not register within 30 s gives up (wait_hosts gives it one more try).
   local deadline=$((SECONDS + TIMEOUT)) workers=() ok=1
-  log "starting S3 on $(ip_of head):$S3_PORT, the Ray head, then $n workers"
+  log "starting S3 on $(ip_of head):$S3_PORT, the Ray head, then $n worker(s)"
   start_s3
   start_ray head
   wait_port head ray "$GCS_PORT" "$deadline" || ok=0

@@ -146,9 +146,16 @@ class Testbed:
         self.health_timeout_ms = health_timeout_ms
         self.health_failures = health_failures
         self.bucket = bucket
-        # output of popen() commands; outside the state folder, which `down` deletes
-        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix=f"posefr-tblogs-{name}-"))
+        self._log_dir = Path(log_dir) if log_dir else None
         self._procs: list[subprocess.Popen] = []
+
+    @property
+    def log_dir(self) -> Path:
+        """Where :meth:`popen` writes its commands' output by default (made on first use, outside
+        the state folder, which ``down`` deletes)."""
+        if self._log_dir is None:
+            self._log_dir = Path(tempfile.mkdtemp(prefix=f"posefr-tblogs-{self.name}-"))
+        return self._log_dir
 
     # --- addresses --------------------------------------------------------------------------
     @property
@@ -351,7 +358,9 @@ class Testbed:
     # --- Ray's view -------------------------------------------------------------------------
     def nodes(self) -> list[dict]:
         """Ray's nodes (alive and dead), asked from inside the head's namespace: dicts with
-        ``node_id``, ``ip``, ``state`` ("ALIVE" / "DEAD") and ``resources``."""
+        ``node_id``, ``ip``, ``state`` ("ALIVE" / "DEAD"), ``activity`` ("IDLE" / "ACTIVE" /
+        "DRAINING"), ``resources``, and for a dead node ``death_reason`` (e.g.
+        "UNEXPECTED_TERMINATION", "AUTOSCALER_DRAIN_PREEMPTED") and ``death_message``."""
         out = self.script("nodes", timeout=60).stdout
         return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 

@@ -86,7 +86,7 @@ def testbed_unavailable() -> str | None:
         why.append("network namespaces need Linux")
     elif os.geteuid() != 0:
         why.append("not root (network namespaces, veths and the bridge need root)")
-    if not shutil.which("ip", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin"):
+    if not shutil.which("ip"):  # on PATH, as cluster/testbed.sh looks for it
         why.append("iproute2's `ip` is missing (apt-get install iproute2)")
     if not why:
         return None

@@ -64,7 +64,9 @@
 # RAY_USAGE_STATS_ENABLED=0, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S, and DS_ACCELERATOR /
 # TORCH_EXTENSIONS_DIR / PYTHONPATH plus the variables named in POSEFR_TESTBED_PASS_ENV with the
 # values they had at `up`; PATH starts with the bin folder of $RAY. `exec` keeps the caller's
-# other variables; the hosts' Ray processes start from a clean environment (env -i) plus these.
+# other variables; the hosts' Ray processes start from a clean environment (env -i) plus these,
+# plus GLOO_SOCKET_IFNAME=eth0 (every host's interface; the shared hostname resolves to
+# 127.0.0.1, which gloo would otherwise advertise to the other ranks).
 #
 # Settings (environment; `up` records them in the state folder and the other commands use the
 # recorded ones, so only POSEFR_TESTBED_NAME / POSEFR_TESTBED_STATE pick the testbed later):
@@ -290,6 +292,9 @@ host_env() {
   testbed_env
   # a worker keeps trying to reach the GCS for this long (Ray's default: 20 tries, ~20 s)
   echo "RAY_gcs_server_port_wait_time_s=$TIMEOUT"
+  # torch.distributed's gloo takes its address from the hostname, which every host shares and
+  # which resolves to 127.0.0.1 here: have it use the host's own interface (eth0 in every host)
+  echo "GLOO_SOCKET_IFNAME=eth0"
   if [[ "$1" == head ]]; then
     echo "RAY_health_check_initial_delay_ms=1000"
     echo "RAY_health_check_period_ms=$HEALTH_PERIOD_MS"

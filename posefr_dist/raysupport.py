@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from typing import Any
 
 #: variables every Ray worker needs to see (object storage, DeepSpeed on the CPU, no telemetry)
 FORWARDED_ENV = (
@@ -79,3 +80,12 @@ def quiet_ray_data() -> None:
             ctx.enable_rich_progress_bars = False
     except Exception:  # pragma: no cover - older/newer Ray without these fields
         pass
+
+
+def on_this_node() -> Any:
+    """A scheduling strategy for the node this process runs on (the driver's): for the run's own
+    small state (bad-row counts, the decoded cache), so that losing a worker node loses none of it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)

@@ -68,7 +68,8 @@ def cache_split(source: SplitSource, cfg: DataConfig) -> Any:
     import time
 
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from posefr_dist.raysupport import on_this_node
 
     t0 = time.perf_counter()
     ds = source.dataset(source.file_order_windows(cfg.decode_batch_size), drop_invalid=False,
@@ -77,8 +78,7 @@ def cache_split(source: SplitSource, cfg: DataConfig) -> Any:
     refs = mat.to_numpy_refs()
     # assembled on the driver's node, so the cache lives as long as the run does: a lost worker
     # node takes none of it (workers on other nodes fetch it once per worker start)
-    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    ref = ray.remote(num_cpus=0, scheduling_strategy=here)(_assemble).remote(source.layout.total_rows, *refs)
+    ref = ray.remote(num_cpus=0, scheduling_strategy=on_this_node())(_assemble).remote(source.layout.total_rows, *refs)
     ray.wait([ref], fetch_local=False)
     del mat, refs
     log.info("%s split decoded once and cached: %d rows, %.0f MiB, in %.1fs", source.split,

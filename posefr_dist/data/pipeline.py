@@ -307,7 +307,10 @@ def open_split(uri: str, split: str, cfg: DataConfig) -> SplitSource:
         raise S.ShardError(storage.join(uri, "manifest.json"), None, "splits", f"split {split!r} has no shards")
     fmt = S.image_format(man)
     rows_of = {storage.join(uri, e["path"]): int(e["rows"]) for e in man["splits"][split]["shards"]}
-    bad_rows = ray.remote(num_cpus=0)(BadRowLog).remote()
+    from posefr_dist.raysupport import on_this_node
+
+    # on the driver's node: a lost worker node must not take the run's bad-row counts with it
+    bad_rows = ray.remote(num_cpus=0, scheduling_strategy=on_this_node())(BadRowLog).remote()
     uris, groups = check_files(uris, rows_of, cfg.on_bad_row, bad_rows)
     if not uris:
         raise S.ShardError(uri, None, None, f"split {split!r}: no readable shard left")

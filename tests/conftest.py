@@ -113,6 +113,13 @@ def ray_local(s3_server, tmp_path_factory):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def ray_address(ray_local) -> str:
+    """The session Ray's GCS address: a test's subprocess driver joins it (``RAY_ADDRESS``) rather
+    than starting a second local Ray next to it."""
+    return ray_local.address_info["gcs_address"]
+
+
 @pytest.fixture
 def s3_uri(s3_server, request):
     """A fresh prefix in the test bucket, removed afterwards."""

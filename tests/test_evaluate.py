@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -71,10 +72,13 @@ def test_evaluate_end_to_end_cli(shards, model_dir, tmp_path, ray_local):
     assert set(rep["bins"]["all"]["tar_at_far"]) == {"0.1", "0.01"}
 
 
-def test_evaluate_cli_runs_as_a_process(shards, model_dir, tmp_path):
+def test_evaluate_cli_runs_as_a_process(shards, model_dir, tmp_path, ray_address):
+    """``posefr evaluate`` as its own process, joining the session's Ray (RAY_ADDRESS) as a
+    driver does on a cluster, rather than starting a second local instance next to it."""
     out = tmp_path / "cli"
+    env = dict(os.environ, RAY_ADDRESS=ray_address)
     r = subprocess.run([sys.executable, "-m", "posefr_dist.cli", "evaluate", "--model", model_dir, "--data", shards,
-                        "--out", str(out), "--far", "0.1,0.01"], capture_output=True, text=True, timeout=300)
+                        "--out", str(out), "--far", "0.1,0.01"], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "90+" in r.stdout and (out / "report.json").exists()
 

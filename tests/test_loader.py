@@ -87,16 +87,30 @@ print("PLAN " + json.dumps(out))
 """
 
 
-def test_two_fresh_drivers_see_the_same_sequences(root, ray_local, tmp_path):
-    """Each driver is a new process joining the cluster; per rank and step the rows are equal."""
+def _plan(root, mode: str) -> dict[str, list[list[int]]]:
+    """What DRIVER prints, computed in this process."""
+    cfg = DataConfig(shuffle_buffer=32, chunk_rows=16, decode_batch_size=32, cache=mode)
+    h = L.prepare(str(root), cfg)["train"]
+    return {f"{e}/{r}": [b["gid"].tolist() for b in L.RankBatches(h, cfg, seed=11, epoch=e, rank=r, world=2,
+                                                                  batch_size=8)]
+            for e in (0, 1) for r in (0, 1)}
+
+
+def test_two_fresh_drivers_see_the_same_sequences(root, ray_address, tmp_path):
+    """Each driver is a new process joining the cluster; per rank and step the rows are equal: two
+    fresh drivers (streamed and cached, started together) and this process (streamed)."""
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
+    procs = [subprocess.Popen([sys.executable, str(script), str(root), ray_address, mode], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for mode in ("off", "memory")]
+    here = _plan(root, "off")
     runs = []
-    for mode in ("off", "off", "memory"):
-        p = subprocess.run([sys.executable, str(script), str(root), ray_local["gcs_address"], mode], cwd=REPO,
-                           capture_output=True, text=True, timeout=240)
-        assert p.returncode == 0, p.stderr[-3000:]
-        runs.append(json.loads(next(ln for ln in p.stdout.splitlines() if ln.startswith("PLAN "))[5:]))
+    for p in procs:
+        out, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-3000:]
+        runs.append(json.loads(next(ln for ln in out.splitlines() if ln.startswith("PLAN "))[5:]))
+    runs.insert(1, json.loads(json.dumps(here)))
     assert runs[0] == runs[1] == runs[2]
     assert runs[0]["0/0"] != runs[0]["1/0"]
 

@@ -1,6 +1,7 @@
 """Shipped surfaces that had no test of their own:
 
-- the training Prometheus exporter (``train.metrics_port``), scraped over HTTP during a run;
+- the training Prometheus exporter (``train.metrics_port``), scraped over HTTP during a run (the
+  ZeRO-2 run that the resume tests start from);
 - ZeRO-2 training resumed on another number of workers, checked on the weights;
 - the ``posefr`` command: ``synth`` + ``shards validate``, ``verify``, ``train --resume-from``.
 
@@ -89,34 +90,13 @@ def _value(scrape: dict, name: str, **labels: str) -> float | None:
 
 
 @pytest.mark.slow
-def test_training_exporter_serves_the_metrics_during_a_run(shards, tmp_path, ray_local):
-    """Rank 0 serves /metrics on train.metrics_port while it trains: every family is there, the
-    step counter rises between scrapes, throughput, loss and learning rate are positive, and after
-    the first validation the TAR per bin is a share."""
-    from posefr_dist.train.trainer import train
-
-    port = free_port()
-    epochs = 4
-    cfg = _cfg(shards, tmp_path, "exporter", f"train.epochs={epochs}", f"train.metrics_port={port}",
-               "train.log_every_steps=1", "train.keep_checkpoints=1")
-    url = f"http://127.0.0.1:{port}/metrics"
-    scrapes: list[dict] = []
-    done = threading.Event()
-
-    def scrape_until_done() -> None:  # the trainer keeps the main thread
-        while not done.is_set():
-            s = _scrape(url)
-            if s is not None:
-                scrapes.append(s)
-            done.wait(0.2)
-
-    scraper = threading.Thread(target=scrape_until_done, daemon=True)
-    scraper.start()
-    try:
-        outcome = train(cfg)
-    finally:
-        done.set()
-        scraper.join(timeout=10)
+def test_training_exporter_serves_the_metrics_during_a_run(zero2):
+    """Rank 0 serves /metrics on train.metrics_port while it trains (the ZeRO-2 run of the fixture
+    below, scraped every 0.2 s): every family is there, the step counter rises between scrapes,
+    throughput, loss and learning rate are positive, and after the first validation the TAR per
+    bin is a share."""
+    outcome, scrapes, port = zero2["outcome"], zero2["scrapes"], zero2["port"]
+    epochs = zero2["cfg"].train.epochs
     assert outcome.last_metrics["epoch"] == epochs - 1
     assert len(scrapes) >= 3, f"the exporter on port {port} answered {len(scrapes)} time(s) during the run"
 
@@ -156,15 +136,36 @@ def test_training_exporter_serves_the_metrics_during_a_run(shards, tmp_path, ray
 
 @pytest.fixture(scope="module")
 def zero2(shards, tmp_path_factory, ray_local):
-    """A 2-worker ZeRO-2 run of 2 epochs (both epoch checkpoints kept)."""
+    """A 2-worker ZeRO-2 run of 2 epochs (both epoch checkpoints kept). Its rank 0 also serves the
+    training exporter (``train.metrics_port``, a report at every step), scraped over HTTP every
+    0.2 s while the run lasts: the scrapes are kept for the exporter test."""
     from posefr_dist.train.trainer import train
 
     out = tmp_path_factory.mktemp("zero2")
-    cfg = _cfg(shards, out, "zero2", "train.zero_stage=2", "train.epochs=2", "train.keep_checkpoints=2")
-    outcome = train(cfg)
+    port = free_port()
+    cfg = _cfg(shards, out, "zero2", "train.zero_stage=2", "train.epochs=2", "train.keep_checkpoints=2",
+               f"train.metrics_port={port}", "train.log_every_steps=1")
+    url = f"http://127.0.0.1:{port}/metrics"
+    scrapes: list[dict] = []
+    done = threading.Event()
+
+    def scrape_until_done() -> None:  # the trainer keeps the main thread
+        while not done.is_set():
+            s = _scrape(url)
+            if s is not None:
+                scrapes.append(s)
+            done.wait(0.2)
+
+    scraper = threading.Thread(target=scrape_until_done, daemon=True)
+    scraper.start()
+    try:
+        outcome = train(cfg)
+    finally:
+        done.set()
+        scraper.join(timeout=10)
     ckpts = _epoch_checkpoints(outcome.history)
     assert sorted(ckpts) == [0, 1], outcome.history
-    return {"cfg": cfg, "outcome": outcome, "ckpts": ckpts}
+    return {"cfg": cfg, "outcome": outcome, "ckpts": ckpts, "scrapes": scrapes, "port": port}
 
 
 @pytest.mark.slow

@@ -59,7 +59,7 @@ def config(tmp: Path, shards: str, name: str, **train: object) -> tuple[Path, Pa
     return path, trace
 
 
-def train(bed: Testbed, config: Path, timeout: float = 300):
+def train(bed: Testbed, config: Path, timeout: float = 600):
     """``posefr train`` on the head host, in the background."""
     return bed.popen("head", [POSEFR, "train", "--config", str(config)], timeout=timeout)
 
@@ -138,7 +138,7 @@ def restore(bed: Testbed, *hosts: str) -> None:
 
 
 def embeddings(n_gallery: int, n_probes: int, dim: int, seed: int = 0) -> pa.Table:
-    from posefr_dist.eval.embeddings import embedding_schema
+    from posefr_dist.data.schema import embedding_schema
 
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((n_gallery, dim), dtype=np.float32)

@@ -17,7 +17,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup demo test test-fast bench reproduce clean image
+.PHONY: setup demo test test-fast test-multihost bench bench-multihost reproduce clean image
 
 setup: $(STAMP) $(PUSHGATEWAY)
 
@@ -35,8 +35,14 @@ $(PUSHGATEWAY):
 demo: $(STAMP)
 	$(BIN)/posefr demo --out $(OUT)
 
+# everything but the multi-host training runs (tests/test_multihost.py, about 15 minutes on 2
+# cores: `make test-multihost`); the testbed's own tests (tests/test_testbed.py) are included
 test: $(STAMP) $(PUSHGATEWAY)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not multihost" $(PYTEST_ARGS)
+
+# training and verification across hosts in network namespaces (root and iproute2)
+test-multihost: $(STAMP)
+	$(BIN)/python -m pytest -m multihost $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
@@ -46,6 +52,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/model.py
 	$(BIN)/python benchmarks/verify.py
 	$(BIN)/python benchmarks/train.py
+
+# the multi-host figures on the namespace testbed (root and iproute2)
+bench-multihost: $(STAMP)
+	$(BIN)/python benchmarks/multihost.py
 
 # pretrain the 2D encoder once, then the ablation 2d-only vs jam vs jam-je fine-tuned from it over
 # 3 seeds (about 62 minutes on 2 cores; resumable)

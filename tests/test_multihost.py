@@ -21,7 +21,9 @@ from tests.data_utils import tiny_cfg
 from tests.multihost import BUCKET, POSEFR, WORKERS
 from tests.testbed import testbed_fixture
 
-pytestmark = [pytest.mark.slow, pytest.mark.testbed]
+pytestmark = [pytest.mark.slow, pytest.mark.testbed, pytest.mark.multihost]
+
+EPOCHS = 3  # of the reference run and the interrupted one; 7 steps each (112 train rows, 2 x 8)
 
 # head + three worker hosts of 2 CPUs and one train slot each: a 2-worker group has a spare host
 bed = testbed_fixture("pfrmh", workers=len(WORKERS), worker_cpus=2, grace=6,
@@ -41,7 +43,7 @@ def shards(bed, tmp_path_factory):
 def reference(bed, shards, tmp_path_factory):
     """An uninterrupted 2-host run: the weights every interrupted run must end with."""
     tmp = tmp_path_factory.mktemp("ref")
-    config, trace = mh.config(tmp, shards, "reference")
+    config, trace = mh.config(tmp, shards, "reference", epochs=EPOCHS)
     mh.finish(mh.train(bed, config))
     hosts = {mh.host_of(bed, trace, r) for r in (0, 1)}
     assert len(hosts) == 2, f"both workers ran on one host: {hosts}"
@@ -53,85 +55,57 @@ def test_two_hosts_train_from_s3_one_worker_each(bed, reference):
     starts = mh.starts(trace)
     assert sorted(s["rank"] for s in starts) == [0, 1] and {s["world"] for s in starts} == {2}
     assert {s["node_ip"] for s in starts} <= {bed.ip(h) for h in WORKERS}
-    assert mh.epochs_reported(bed, "reference") == [0, 1]
+    assert mh.epochs_reported(bed, "reference") == list(range(EPOCHS))
     assert steps and weights
 
 
-def test_host_killed_then_host_cut_mid_epoch_resume_to_the_same_weights(bed, shards, reference, tmp_path):
-    """A host's processes killed mid-epoch 0, then another host's link cut mid-epoch 1: each time
-    the group restarts on the hosts left from the last checkpoint, no epoch is reported twice, and
-    the final weights equal the uninterrupted run's."""
-    config, trace = mh.config(tmp_path, shards, "killcut")
+def test_preempted_killed_and_cut_hosts_resume_to_the_same_weights(bed, shards, reference, tmp_path):
+    """One run, three failures of a host of its group, each time restarted on the hosts left:
+    - epoch 0: SIGTERM with a grace period (a spot reclaim): the workers save a checkpoint at the
+      notice, and the restarted group resumes from it or a newer one (at most the steps trained
+      after the notice's checkpoint are lost);
+    - epoch 1: every process of a host killed; epoch 2: a host's link cut.
+    Each restart resumes from the newest checkpoint before it, no epoch is reported twice, and the
+    final weights equal the uninterrupted run's."""
+    config, trace = mh.config(tmp_path, shards, "failures", epochs=EPOCHS)
     proc = mh.train(bed, config)
     touched: list[str] = []
+    events: dict[str, float] = {}
+
+    def restarted_after(t: float) -> bool:
+        return len([s for s in mh.starts(trace) if s["time"] > t]) >= 2
+
     try:
-        mh.wait(mh.reached(trace, 0, 4), proc, 240, "epoch 0 batch 4")  # past the checkpoint at step 2
-        victim = mh.host_of(bed, trace, 1)
-        t_kill = time.time()
-        bed.kill(victim)
-        touched.append(victim)
-        # the restarted group: both ranks started again after the kill, on the two other hosts
-        mh.wait(lambda: len([s for s in mh.starts(trace) if s["time"] > t_kill]) >= 2, proc, 240, "a restart")
-        assert victim not in {mh.host_of(bed, trace, r, after=t_kill) for r in (0, 1)}
-        bed.restart(victim)  # capacity for the second failure
-        mh.wait(mh.reached(trace, 1, 4), proc, 240, "epoch 1 batch 4")
-        cut = mh.host_of(bed, trace, 0, after=t_kill)
-        t_cut = time.time()
-        bed.cut(cut)
-        touched.append(cut)
-        mh.wait(lambda: len([s for s in mh.starts(trace) if s["time"] > t_cut]) >= 2, proc, 240, "a restart after the cut")
+        for kind, (epoch, batch) in (("preempt", (0, 1)), ("kill", (1, 3)), ("cut", (2, 3))):
+            mh.wait(mh.reached(trace, epoch, batch), proc, 240, f"epoch {epoch} batch {batch} (before the {kind})")
+            victim = mh.host_of(bed, trace, 1, after=max(events.values(), default=0.0))
+            events[kind] = time.time()
+            getattr(bed, kind)(victim)
+            touched.append(victim)
+            mh.wait(lambda: restarted_after(events[kind]), proc, 240, f"a restart after the {kind}")
+            mh.restore(bed, victim)  # capacity for the next failure
+            touched.remove(victim)
         mh.finish(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
         mh.restore(bed, *touched)
-    assert mh.epochs_reported(bed, "killcut") == [0, 1]
-    resumed = [s for s in mh.starts(trace) if s["time"] > t_kill]
-    assert all(s["world"] == 2 for s in resumed)
-    # each restart resumed mid-epoch at a checkpoint's batch, not at an epoch start
-    assert any(s["epoch"] == 0 and s["batch"] > 0 for s in resumed), resumed
-    assert any(s["epoch"] == 1 and s["batch"] > 0 for s in resumed), resumed
-    mh.assert_same_weights(reference[0], mh.final_weights(bed, "killcut", tmp_path))
-
-
-def test_preempted_host_saves_a_checkpoint_before_it_goes(bed, shards, tmp_path):
-    """SIGTERM with a grace period to a host of the group: the workers save a checkpoint at the
-    notice (mid-epoch: the run has no step checkpoints), and the restarted group resumes from it
-    or a newer one, so at most the steps trained after it are lost."""
-    # long enough to outlast the node's drain deadline (a run that ends first is not restarted)
-    config, trace = mh.config(tmp_path, shards, "preempt", epochs=6, val_every_steps=0)
-    proc = mh.train(bed, config)
-    victim = None
-    try:
-        mh.wait(mh.reached(trace, 0, 1), proc, 240, "epoch 0 batch 1")
-        victim = mh.host_of(bed, trace, 1)
-        t_notice = time.time()
-        bed.preempt(victim)
-        mh.wait(lambda: len([s for s in mh.starts(trace) if s["time"] > t_notice]) >= 2, proc, 240,
-                "a restart after the preemption")
-        mh.finish(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        if victim:
-            mh.restore(bed, victim)
-    hist = mh.history(bed, "preempt")
-    saved = [h for h in hist if h.get("preemption_checkpoint")]
-    assert len(saved) == 1, hist
-    jit = saved[0]
-    assert jit["time"] > t_notice and jit.get("checkpoint") and not jit["end_of_epoch"]
-    resumed = [s for s in mh.starts(trace) if s["time"] > t_notice]
-    t_resumed = min(r["time"] for r in resumed)
-    # the restarted group resumed from the newest checkpoint saved before it: the notice's, or one
-    # the run saved after it while the node drained; never an older one
-    newest = max((h for h in hist if h.get("checkpoint") and h["time"] < t_resumed), key=lambda h: h["step"])
-    assert newest["step"] >= jit["step"]
-    assert {s["global_step"] for s in resumed} == {newest["step"]}, (resumed, newest)
-    # lost: what the first attempt trained after that checkpoint, at most the steps since the notice's
-    first_attempt = [s for s in mh.steps(trace) if s["time"] < t_resumed]
-    lost = len(first_attempt) - newest["step"]
-    assert 0 <= lost <= len(first_attempt) - jit["step"]
-    assert mh.epochs_reported(bed, "preempt") == list(range(6))
+    starts = sorted(mh.starts(trace), key=lambda s: s["time"])
+    assert mh.epochs_reported(bed, "failures") == list(range(EPOCHS))
+    assert all(s["world"] == 2 for s in starts)
+    hist = mh.history(bed, "failures")
+    for kind, t in events.items():
+        resumed = [s for s in starts if s["time"] > t][:2]  # the group that followed the failure
+        t_resumed = min(s["time"] for s in resumed)
+        newest = max((h for h in hist if h.get("checkpoint") and h["time"] < t_resumed), key=lambda h: h["step"])
+        assert {s["global_step"] for s in resumed} == {newest["step"]}, (kind, resumed, newest)
+        if kind != "preempt":  # the checkpoints every 2 steps: the failure struck mid-epoch
+            assert {s["batch"] for s in resumed} != {0}, (kind, resumed)
+    jit = [h for h in hist if h.get("preemption_checkpoint")]
+    assert len(jit) == 1 and events["preempt"] < jit[0]["time"] < events["kill"], jit
+    after_notice = [s for s in starts if s["time"] > events["preempt"]]
+    assert after_notice[0]["global_step"] >= jit[0]["step"]
+    mh.assert_same_weights(reference[0], mh.final_weights(bed, "failures", tmp_path))
 
 
 def test_elastic_group_shrinks_on_host_loss_and_grows_back(bed, shards, tmp_path):

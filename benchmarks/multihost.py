@@ -56,7 +56,7 @@ def shards(tb: Testbed, tmp: Path, args) -> str:
 
 
 def run(tb: Testbed, tmp: Path, uri: str, name: str, args, **train):
-    config, trace = mh.config(tmp, uri, name, epochs=args.epochs, val_every_steps=0, **train)
+    config, trace = mh.config(tmp, uri, name, **{"epochs": args.epochs, "val_every_steps": 0, **train})
     proc = mh.train(tb, config, timeout=1800)
     return config, trace, proc
 

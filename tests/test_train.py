@@ -45,16 +45,37 @@ def _epochs(outcome) -> list[int]:
 
 
 def _weights(ckpt: str) -> dict[str, torch.Tensor]:
+    if storage.is_remote(ckpt):
+        from safetensors.torch import load
+
+        return load(storage.read_bytes(storage.join(ckpt, "model.safetensors")))
     return load_weights(ckpt)
+
+
+#: the uninterrupted baseline and the mid-epoch killed run: 3 epochs, validated and checkpointed
+#: every 2 steps too (all checkpoints kept)
+MID_EPOCH = ("train.epochs=3", "train.val_every_steps=2", "train.keep_checkpoints=20",
+             "train.checkpoint_metric=val/tar@far=0.1/all")
 
 
 @pytest.fixture(scope="module")
 def baseline(shards, tmp_path_factory, ray_local):
-    """An uninterrupted 2-worker run, 3 epochs (also the reference for resume tests)."""
+    """An uninterrupted 2-worker run of 3 epochs that also validates and checkpoints every 2 steps
+    and traces the rows each rank trains on: the reference of the resume tests (its end-of-epoch
+    checkpoints, its final weights) and of the mid-epoch kill (its trace, its final weights).
+    Validation does not change what is trained: the runs compared with it validate elsewhere."""
     out = tmp_path_factory.mktemp("runs")
-    cfg = _cfg(shards, str(out), "baseline", "train.epochs=3", "train.keep_checkpoints=3",
-               "train.checkpoint_metric=val/tar@far=0.1/all")
+    cfg = _cfg(shards, str(out), "baseline", *MID_EPOCH, f"data.trace_dir={out / 'trace'}")
     return cfg, train(cfg)
+
+
+def _last_checkpoint(run_uri: str) -> str:
+    ckpts = glob.glob(os.path.join(run_uri, "checkpoint_2*"))
+    return max(ckpts, key=lambda c: json.loads(Path(c, "meta.json").read_text())["global_step"])
+
+
+def _epoch_end_checkpoint(outcome, epoch: int) -> str:
+    return next(h["checkpoint"] for h in outcome.history if h.get("end_of_epoch") and int(h["epoch"]) == epoch)
 
 
 @pytest.mark.slow
@@ -100,19 +121,20 @@ def test_export_of_best_checkpoint_embeds(baseline, tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_worker_is_replaced_and_no_epoch_counted_twice(mid_epoch):
+def test_killed_worker_is_replaced_and_no_epoch_counted_twice(killed):
     """The killed run of the mid-epoch test below (rank 1 killed in epoch 1, one failure allowed):
     its worker group is replaced, the run finishes, and every epoch is reported once."""
-    out, _, killed = mid_epoch
+    out, outcome = killed
     assert (out / "killed" / "chaos-fired").exists(), "the worker was not killed"
-    assert _epochs(killed) == [0, 1]
-    assert killed.last_metrics["epoch"] == 1
+    assert _epochs(outcome) == [0, 1, 2]
+    assert outcome.last_metrics["epoch"] == 2
 
 
 @pytest.mark.slow
 def test_resume_gives_the_same_weights(baseline, shards, tmp_path, ray_local):
     """Stop after epoch 0 (a killed worker, no retries), resume from its checkpoint: the final
-    weights equal those of the uninterrupted run (same seed; tolerance 1e-5 absolute)."""
+    weights equal those of the uninterrupted run (same seed; tolerance 1e-5 absolute). These two
+    runs validate at epoch ends only."""
     base_cfg, base = baseline
     extra = ["train.epochs=3", "train.keep_checkpoints=3", "train.checkpoint_metric=val/tar@far=0.1/all"]
     stopped = _cfg(shards, str(tmp_path), "stopped", *extra, "train.chaos_kill_at=1:0:0", "train.max_failures=0")
@@ -122,8 +144,8 @@ def test_resume_gives_the_same_weights(baseline, shards, tmp_path, ray_local):
     assert len(ckpts) == 1
     resumed = train(_cfg(shards, str(tmp_path), "resumed", *extra, f"train.resume_from={ckpts[0]}"))
     assert _epochs(resumed) == [1, 2]
-    final_base = max(glob.glob(os.path.join(base.run_uri, "checkpoint_2*")))
-    final_resumed = max(glob.glob(str(tmp_path / "resumed" / "checkpoint_2*")))
+    final_base = _last_checkpoint(base.run_uri)
+    final_resumed = _last_checkpoint(str(tmp_path / "resumed"))
     a, b = _weights(final_base), _weights(final_resumed)
     assert a.keys() == b.keys()
     for k in a:
@@ -133,7 +155,7 @@ def test_resume_gives_the_same_weights(baseline, shards, tmp_path, ray_local):
 @pytest.mark.slow
 def test_resume_from_two_workers_to_one(baseline, shards, tmp_path, ray_local):
     _, base = baseline
-    first = min(glob.glob(os.path.join(base.run_uri, "checkpoint_2*")))
+    first = _epoch_end_checkpoint(base, 0)
     out = train(_cfg(shards, str(tmp_path), "one", "train.epochs=2", "train.num_workers=1",
                      "train.cpus_per_worker=1", f"train.resume_from={first}"))
     assert _epochs(out) == [1]
@@ -142,15 +164,14 @@ def test_resume_from_two_workers_to_one(baseline, shards, tmp_path, ray_local):
 
 
 @pytest.mark.slow
-def test_train_from_s3_with_s3_storage(shards, s3_uri, ray_local):
-    data = storage.join(s3_uri, "shards")
-    storage.upload_dir(shards, data)
-    runs = storage.join(s3_uri, "runs")
-    out = train(_cfg(data, runs, "s3run", "train.epochs=2"))
+def test_train_from_s3_with_s3_storage(demo_twice):
+    """The second run of the demo preset below: its shards read from S3, its run written there."""
+    out, data, runs = demo_twice["outcomes"][1], demo_twice["data"][1], demo_twice["s3_runs"]
+    assert data.startswith("s3://") and runs.startswith("s3://")
     assert _epochs(out) == [0, 1]
     assert out.best_checkpoint.startswith("s3://")
     assert storage.exists(storage.join(out.best_checkpoint, "model.safetensors"))
-    assert storage.exists(storage.join(runs, "s3run", "train_summary.json"))
+    assert storage.exists(storage.join(runs, "second", "train_summary.json"))
     losses = [h["train/loss"] for h in out.history if h.get("end_of_epoch")]
     assert losses[-1] < losses[0]
 
@@ -269,40 +290,32 @@ def _trace(folder: Path) -> tuple[dict[tuple[int, int, int], list[int]], list[tu
     return steps, order
 
 
-def _last_checkpoint(run_uri: str) -> str:
-    ckpts = glob.glob(os.path.join(run_uri, "checkpoint_2*"))
-    return max(ckpts, key=lambda c: json.loads(Path(c, "meta.json").read_text())["global_step"])
-
-
 @pytest.fixture(scope="module")
-def mid_epoch(shards, tmp_path_factory, ray_local):
-    """Two 2-worker runs of 2 epochs that validate and checkpoint every 2 steps and trace their
-    rows: ``ref`` uninterrupted, ``killed`` with rank 1 killed at epoch 1 step 3 (one failure
-    allowed). Returns (folder, ref, killed)."""
-    out = tmp_path_factory.mktemp("mid-epoch")
-    extra = ["train.epochs=2", "train.val_every_steps=2", "train.keep_checkpoints=20",
-             "train.checkpoint_metric=val/tar@far=0.1/all"]
-    ref = train(_cfg(shards, str(out), "ref", *extra, f"data.trace_dir={out / 'trace-ref'}"))
-    killed = train(_cfg(shards, str(out), "killed", *extra, "train.chaos_kill_at=1:3:1", "train.max_failures=1",
-                        f"data.trace_dir={out / 'trace-killed'}"))
-    return out, ref, killed
+def killed(shards, tmp_path_factory, ray_local):
+    """The baseline's config with rank 1 killed at epoch 1 step 3 (one failure allowed), tracing
+    its rows too. Returns (folder, outcome)."""
+    out = tmp_path_factory.mktemp("killed")
+    outcome = train(_cfg(shards, str(out), "killed", *MID_EPOCH, "train.chaos_kill_at=1:3:1", "train.max_failures=1",
+                         f"data.trace_dir={out / 'trace'}"))
+    return out, outcome
 
 
 @pytest.mark.slow
-def test_mid_epoch_kill_resumes_at_its_batch_with_the_same_rows_and_weights(mid_epoch):
+def test_mid_epoch_kill_resumes_at_its_batch_with_the_same_rows_and_weights(baseline, killed):
     """A worker killed mid-epoch: the restarted group resumes at the last checkpoint's batch (it
-    reads nothing before it), trains on the same rows per rank and step as an uninterrupted run,
-    and ends with the same weights (1e-5)."""
-    out, ref, killed = mid_epoch
+    reads nothing before it), trains on the same rows per rank and step as the uninterrupted
+    baseline, and ends with the same weights (1e-5)."""
+    ref_cfg, ref = baseline
+    out, got = killed
     assert (out / "killed" / "chaos-fired").exists(), "the worker was not killed"
-    ref_steps, _ = _trace(out / "trace-ref")
-    got_steps, order = _trace(out / "trace-killed")
+    ref_steps, _ = _trace(Path(ref_cfg.data.trace_dir))
+    got_steps, order = _trace(out / "trace")
     assert got_steps == ref_steps
     # rank 1's restart: the first step written after the kill is mid-epoch 1, not its start
     r1 = [k for k in order if k[0] == 1]
     restart = next(i for i in range(1, len(r1)) if r1[i][1:] <= r1[i - 1][1:])
     assert r1[restart][1] == 1 and r1[restart][2] > 0, r1
-    a, b = _weights(_last_checkpoint(ref.run_uri)), _weights(_last_checkpoint(killed.run_uri))
+    a, b = _weights(_last_checkpoint(ref.run_uri)), _weights(_last_checkpoint(got.run_uri))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
 
@@ -310,19 +323,40 @@ def test_mid_epoch_kill_resumes_at_its_batch_with_the_same_rows_and_weights(mid_
 DEMO_CONFIG = REPO / "jobs" / "configs" / "demo-cpu.yaml"
 
 
-@pytest.mark.slow
-def test_jam_je_demo_preset_gives_identical_results_twice(shards, tmp_path, ray_local):
-    """Two runs of the demo's jam-je preset (on tiny data, from scratch): the same validation
-    TARs at every report and the same final weights."""
+@pytest.fixture(scope="module")
+def demo_twice(shards, tmp_path_factory, s3_server, ray_local):
+    """Two runs of the demo's jam-je preset on the tiny shards (from scratch, 2 epochs): the first
+    reads the shards from their folder and writes its run to a folder; the second reads a copy of
+    them in S3 and writes its run to S3."""
+    local = tmp_path_factory.mktemp("demo-preset")
+    s3 = f"s3://{s3_server['bucket']}/train-demo-preset-{time.monotonic_ns()}"
+    storage.upload_dir(shards, storage.join(s3, "shards"))
     outs = []
-    for name in ("first", "second"):
-        cfg = load_config(DEMO_CONFIG, [f"data.uri={shards}", f"train.storage_path={tmp_path}", f"train.run_name={name}",
-                                        "train.epochs=2", "data.batch_size=8", "model.pretrained_2d=",
-                                        "train.pretrained_lr_mult=1.0", "train.freeze_pretrained_epochs=0",
-                                        "model.variant=jam-je"])
-        outs.append(train(cfg))
+    try:
+        for name, data, runs in (("first", shards, str(local)), ("second", storage.join(s3, "shards"),
+                                                                  storage.join(s3, "runs"))):
+            cfg = load_config(DEMO_CONFIG, [f"data.uri={data}", f"train.storage_path={runs}", f"train.run_name={name}",
+                                            "train.epochs=2", "data.batch_size=8", "model.pretrained_2d=",
+                                            "train.pretrained_lr_mult=1.0", "train.freeze_pretrained_epochs=0",
+                                            "model.variant=jam-je"])
+            outs.append(train(cfg))
+        yield {"outcomes": outs, "data": [shards, storage.join(s3, "shards")], "s3_runs": storage.join(s3, "runs")}
+    finally:
+        try:
+            storage.delete(s3)
+        except Exception:
+            pass
+
+
+@pytest.mark.slow
+def test_jam_je_demo_preset_gives_identical_results_twice(demo_twice):
+    """Two runs of the demo's jam-je preset (on tiny data, from scratch; the second from and to
+    S3): the same validation TARs at every report and the same final weights."""
+    outs = demo_twice["outcomes"]
     tars = [[{k: v for k, v in h.items() if k.startswith("val/tar")} for h in o.history] for o in outs]
     assert tars[0] and tars[0] == tars[1]
-    a, b = _weights(_last_checkpoint(outs[0].run_uri)), _weights(_last_checkpoint(outs[1].run_uri))
+    # each run's last checkpoint (the run's latest is always kept)
+    a, b = _weights(outs[0].history[-1]["checkpoint"]), _weights(outs[1].history[-1]["checkpoint"])
+    assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)

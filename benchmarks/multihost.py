@@ -119,16 +119,18 @@ def part_preempt(tmp: Path, args) -> None:
         mh.wait(lambda: len([s for s in mh.starts(trace) if s["time"] > t_notice]) >= 2, proc, 600, "a restart")
         mh.finish(proc, timeout=1800)
         jit = [h for h in mh.history(tb, "preempt") if h.get("preemption_checkpoint")]
-        resumed = min(s["time"] for s in mh.starts(trace) if s["time"] > t_notice)
+        after = sorted((s for s in mh.starts(trace) if s["time"] > t_notice), key=lambda s: s["time"])
+        resumed = after[0]["time"]
         before = [s for s in mh.steps(trace) if s["time"] < resumed]
+        lost = len(before) - after[0]["global_step"]
         if jit:
-            lost = len(before) - jit[0]["step"]
-            print(f"preempt host {victim}, grace {tb.grace} s: checkpoint {jit[0]['time'] - t_notice:.1f} s after "
-                  f"SIGTERM at step {jit[0]['step']}; {lost} step(s) trained after it were lost "
-                  f"(without the notice: {before[-1]['batch'] + 1 if before else 0} steps of the epoch); "
+            print(f"preempt host {victim}, drain deadline {tb.grace} s: notice checkpoint {jit[0]['time'] - t_notice:.1f} s "
+                  f"after SIGTERM at step {jit[0]['step']}; {len(before) - jit[0]['step']} step(s) trained after it "
+                  f"before the node went; the restart resumed at step {after[0]['global_step']}: {lost} step(s) lost "
+                  f"(without the notice, from the last epoch end: {before[-1]['batch'] + 1 if before else 0}); "
                   f"training again {resumed - t_notice:.1f} s after SIGTERM", flush=True)
         else:
-            print(f"preempt host {victim}: NO notice checkpoint was saved", flush=True)
+            print(f"preempt host {victim}: NO notice checkpoint was saved; {lost} step(s) lost", flush=True)
     finally:
         tb.down()
 

@@ -74,6 +74,24 @@ def starts(trace: Path) -> list[dict]:
     return [json.loads(line) for line in f.read_text().splitlines()] if f.exists() else []
 
 
+def restarted(trace: Path, after: float):
+    """True once both ranks of a new worker group started after ``after`` (a ``time.time()``)."""
+    return lambda: len([s for s in starts(trace) if s["time"] > after]) >= 2
+
+
+def strike(bed: Testbed, trace: Path, proc, action: str, epoch: int, batch: int, timeout: float = 240,
+           after: float = 0.0) -> tuple[str, float]:
+    """Once rank 0 reached (epoch, batch): ``bed.<action>`` (kill, cut, preempt) on the host of
+    rank 1 (of the group started after ``after``), then wait for the restarted group.
+    Returns the host and the time of the action."""
+    wait(reached(trace, epoch, batch), proc, timeout, f"epoch {epoch} batch {batch} (before the {action})")
+    victim = host_of(bed, trace, 1, after=after)
+    t = time.time()
+    getattr(bed, action)(victim)
+    wait(restarted(trace, t), proc, timeout, f"a restart after the {action} of {victim}")
+    return victim, t
+
+
 def wait(pred, proc, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -69,27 +69,17 @@ def test_preempted_killed_and_cut_hosts_resume_to_the_same_weights(bed, shards, 
     final weights equal the uninterrupted run's."""
     config, trace = mh.config(tmp_path, shards, "failures", epochs=EPOCHS)
     proc = mh.train(bed, config)
-    touched: list[str] = []
     events: dict[str, float] = {}
-
-    def restarted_after(t: float) -> bool:
-        return len([s for s in mh.starts(trace) if s["time"] > t]) >= 2
-
     try:
         for kind, (epoch, batch) in (("preempt", (0, 1)), ("kill", (1, 3)), ("cut", (2, 3))):
-            mh.wait(mh.reached(trace, epoch, batch), proc, 240, f"epoch {epoch} batch {batch} (before the {kind})")
-            victim = mh.host_of(bed, trace, 1, after=max(events.values(), default=0.0))
-            events[kind] = time.time()
-            getattr(bed, kind)(victim)
-            touched.append(victim)
-            mh.wait(lambda: restarted_after(events[kind]), proc, 240, f"a restart after the {kind}")
+            victim, events[kind] = mh.strike(bed, trace, proc, kind, epoch, batch,
+                                             after=max(events.values(), default=0.0))
             mh.restore(bed, victim)  # capacity for the next failure
-            touched.remove(victim)
         mh.finish(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
-        mh.restore(bed, *touched)
+        mh.restore(bed, *WORKERS)  # whatever a failed step left down (healthy hosts are left alone)
     starts = sorted(mh.starts(trace), key=lambda s: s["time"])
     assert mh.epochs_reported(bed, "failures") == list(range(EPOCHS))
     assert all(s["world"] == 2 for s in starts)

@@ -20,6 +20,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray Train's controller polls its workers every 2 s by default, and a worker's report waits in a
+# one-slot queue until the next poll: a tiny test run with a report every second or two spends
+# much of its time waiting on polls (20-30 s of a 3-epoch run that validates every 2 steps), and
+# every run's start and end wait for one. Polls are cheap; a poll that a busy worker misses is
+# only counted against the 10-minute health-check timeout. Set before Ray starts, so the local
+# Ray's workers (Tune trials), subprocess drivers and the test heads inherit it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 S3_BUCKET = "posefr-test"
 

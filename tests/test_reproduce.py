@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,16 +54,20 @@ def test_extra_variants_are_jam_je_with_one_change(tmp_path):
 
 
 @pytest.mark.slow
-def test_ablation_script_tiny(tmp_path):
+def test_ablation_script_tiny(tmp_path, ray_address):
+    """The script as its own process (twice), joining the session's Ray as it joins a cluster's
+    (RAY_ADDRESS) rather than starting a second local Ray next to it."""
     out = tmp_path / "ablation"
+    env = dict(os.environ, RAY_ADDRESS=ray_address)
     cmd = [sys.executable, str(REPO / "benchmarks" / "reproduce.py"), "--preset", "cpu", "--seeds", "0",
            "--variants", "2d-only,jam", "--out", str(out),
            "synth.identities=14", "synth.views_per_identity=8", "synth.rows_per_shard=64",
-           "train.epochs=1", "data.batch_size=8", "train.warmup_steps=2", "train.freeze_pretrained_epochs=0"]
+           "train.epochs=1", "data.batch_size=8", "train.warmup_steps=2", "train.freeze_pretrained_epochs=0",
+           "train.num_workers=1"]
     for kv in ("synth.identities=24", "synth.views_per_identity=4", "synth.rows_per_shard=64", "train.epochs=1",
-               "data.batch_size=8", "train.warmup_steps=2"):
+               "data.batch_size=8", "train.warmup_steps=2", "train.num_workers=1"):
         cmd += ["--pretrain-set", kv]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     res = json.loads((out / "results.json").read_text())
     assert set(res["reports"]) == {"2d-only", "jam"} and set(res["reports"]["jam"]) == {"0"}
@@ -74,7 +79,7 @@ def test_ablation_script_tiny(tmp_path):
     assert "| 2d-only |" in md and "| jam − 2d-only (paired by seed) |" in md and "Diagnostics" in md
     assert (out / "tar_vs_yaw.png").stat().st_size > 0
     # a second call resumes: nothing left to train, same table
-    r2 = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    r2 = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert r2.returncode == 0, (r2.stdout + r2.stderr)[-4000:]
     assert "trained in" not in r2.stdout
     assert (out / "table.md").read_text() == md

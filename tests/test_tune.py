@@ -1,8 +1,10 @@
 """Ray Tune search of the entropy-loss weights: trials run the real Ray Train trainer on CPU.
 
 The end-to-end experiments (marked slow) share one local Ray (2 CPUs) and one tiny synthetic data
-set; each trial is a 1-worker run of one or two epochs. The rest checks the search space, the
-resources, the outputs and the CLI without Ray.
+set; each trial is a 1-worker run of one to three epochs. The three-trial experiment, which several
+tests assert on, keeps its state, runs and results in object storage (S3); the interrupted one
+resumes from a local folder. The rest checks the search space, the resources, the outputs and the
+CLI without Ray.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import csv
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -36,10 +39,24 @@ def shards(tmp_path_factory):
     return str(root)
 
 
-def _cfg(data: str, out: Path, name: str, *extra: str):
-    return load_config(TUNE_CONFIG, [f"data.uri={data}", f"tune.storage_path={out / 'tune'}",
-                                     f"train.storage_path={out / 'runs'}", f"tune.name={name}",
+def _cfg(data: str, out: Path | str, name: str, *extra: str):
+    from posefr_dist import storage
+
+    return load_config(TUNE_CONFIG, [f"data.uri={data}", f"tune.storage_path={storage.join(str(out), 'tune')}",
+                                     f"train.storage_path={storage.join(str(out), 'runs')}", f"tune.name={name}",
                                      f"tune.metric={METRIC}", *extra])
+
+
+def _read(uri: str) -> str:
+    from posefr_dist import storage
+
+    return storage.read_text(uri)
+
+
+def _history(run: str) -> list[dict]:
+    from posefr_dist import storage
+
+    return json.loads(_read(storage.join(run, "history.json")))
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,19 +184,28 @@ POOR = {**GOOD, "train.lr": 1e-6}  # learns nothing: its validation stays at the
 
 
 @pytest.fixture(scope="module")
-def experiment(shards, tmp_path_factory, ray_local):
-    """3 trials of 3 epochs, one at a time, Optuna TPE + ASHA (one rung, after epoch 2).
+def experiment(shards, tmp_path_factory, s3_server, ray_local):
+    """3 trials of 3 epochs, one at a time, Optuna TPE + ASHA (one rung, after epoch 2), with the
+    experiment's state, the trials' runs and the results in object storage (S3; the data local).
 
     Arranged so that ASHA's decision is certain: the space adds train.lr, the first two trials
     (initial points) are a learning one and one whose lr is too small to learn, and the objective
     is the epoch's mean training loss (min): after two epochs the first is ~10 below the second
     (68 against 78), while validation TARs on a split this small differ by noise. The second trial
     must be stopped at the rung."""
-    out = tmp_path_factory.mktemp("exp")
+    from posefr_dist import storage
+
+    out = f"s3://{s3_server['bucket']}/tune-experiment-{time.monotonic_ns()}"
     cfg = _cfg(shards, out, "je3", "tune.num_samples=3", "train.epochs=3", "tune.grace_period=2",
                "tune.metric=train/loss", "tune.mode=min", "tune.space.train.lr={loguniform: [1e-6, 0.1]}",
                f"tune.initial_points={json.dumps([GOOD, POOR])}")
-    return cfg, run_tune(cfg)
+    try:
+        yield cfg, run_tune(cfg)
+    finally:
+        try:
+            storage.delete(out)
+        except Exception:
+            pass
 
 
 def _row_with_lr(rows, lr):
@@ -188,21 +214,23 @@ def _row_with_lr(rows, lr):
 
 @pytest.mark.slow
 def test_experiment_of_three_trials_completes(experiment):
+    from posefr_dist import storage
+
     cfg, out = experiment
-    print(f"\nexperiment wall time {out.wall_s:.1f}s\n" + Path(out.outputs["table_md"]).read_text())
+    print(f"\nexperiment wall time {out.wall_s:.1f}s\n" + _read(out.outputs["table_md"]))
     assert len(out.rows) == 3 and not out.interrupted
     assert all(r["status"] in ("completed", "stopped early") for r in out.rows), out.rows
     assert len({r["trial_id"] for r in out.rows}) == 3
     objectives = [r["objective"] for r in out.rows]
     assert objectives == sorted(objectives)  # mode min: best first
     for r in out.rows:  # every trial trained into its own run folder under the experiment
-        hist = json.loads(Path(r["run"], "history.json").read_text())
+        hist = _history(r["run"])
         assert len([h for h in hist if h.get("end_of_epoch")]) == r["epochs_done"]
-        assert Path(r["checkpoint"], "model.safetensors").exists()
+        assert storage.exists(storage.join(r["checkpoint"], "model.safetensors"))
     for name in ("table_csv", "table_md", "best_config", "plot", "summary"):
-        assert Path(out.outputs[name]).stat().st_size > 0, name
+        assert len(storage.read_bytes(out.outputs[name])) > 0, name
     assert out.outputs["plot"].endswith("objective_vs_lambda_je.png")
-    assert json.loads(Path(out.outputs["summary"]).read_text())["counts"]["error"] == 0
+    assert json.loads(_read(out.outputs["summary"]))["counts"]["error"] == 0
 
 
 @pytest.mark.slow
@@ -210,12 +238,14 @@ def test_asha_stops_the_poor_trial_early(experiment):
     cfg, out = experiment
     good, poor = _row_with_lr(out.rows, GOOD["train.lr"]), _row_with_lr(out.rows, POOR["train.lr"])
     assert good is not poor and good["status"] == "completed" and good["epochs_done"] == 3
-    good_at_rung = json.loads(Path(good["run"], "history.json").read_text())[1]["train/loss"]
+    from posefr_dist import storage
+
+    good_at_rung = _history(good["run"])[1]["train/loss"]
     assert poor["objective_last"] > good_at_rung + 3  # the comparison ASHA made after epoch 2
     assert poor["status"] == "stopped early" and poor["epochs_done"] == 2
     # its training was stopped with the trial: two epochs in its history, no final summary
-    assert len(json.loads(Path(poor["run"], "history.json").read_text())) == 2
-    assert not Path(poor["run"], "train_summary.json").exists()
+    assert len(_history(poor["run"])) == 2
+    assert not storage.exists(storage.join(poor["run"], "train_summary.json"))
 
 
 @pytest.mark.slow
@@ -223,7 +253,9 @@ def test_best_config_trains(experiment, tmp_path):
     from posefr_dist.train.trainer import check_config, train
 
     cfg, out = experiment
-    best = load_config(out.outputs["best_config"], [f"train.storage_path={tmp_path}", "train.epochs=1"])
+    local = tmp_path / "best.yaml"  # the experiment's best config, fetched from object storage
+    local.write_text(_read(out.outputs["best_config"]))
+    best = load_config(local, [f"train.storage_path={tmp_path}", "train.epochs=1"])
     row = out.best
     assert (best.loss.lambda_je, best.loss.je_bins, best.loss.je_bandwidth, best.train.lr) == \
         (row["loss.lambda_je"], row["loss.je_bins"], row["loss.je_bandwidth"], row["train.lr"])
@@ -262,22 +294,23 @@ def test_interrupted_experiment_resumes_without_rerunning_finished_trials(shards
 
 
 @pytest.mark.slow
-def test_experiment_on_s3(shards, s3_uri, ray_local):
-    """Experiment state, trial runs and results in object storage; resuming a finished experiment
-    there runs nothing again."""
+def test_experiment_on_s3(experiment):
+    """Experiment state, trial runs and results in object storage (the experiment above); resuming
+    the finished experiment there runs nothing again."""
     from posefr_dist import storage
     from posefr_dist.tune.search import load_config_text
 
-    cfg = load_config(TUNE_CONFIG, [f"data.uri={shards}", f"tune.storage_path={s3_uri}", "tune.name=s3exp",
-                                    f"train.storage_path={s3_uri}/runs", f"tune.metric={METRIC}",
-                                    "tune.num_samples=1", "train.epochs=1"])
-    out = run_tune(cfg)
-    assert out.experiment_uri == f"{s3_uri}/s3exp" and [r["status"] for r in out.rows] == ["completed"]
-    assert out.rows[0]["checkpoint"].startswith("s3://")
-    assert storage.exists(storage.join(out.rows[0]["checkpoint"], "model.safetensors"))
+    cfg, out = experiment
+    assert cfg.tune.storage_path.startswith("s3://")
+    assert out.experiment_uri == f"{cfg.tune.storage_path}/je3"
+    for r in out.rows:
+        assert r["checkpoint"].startswith("s3://") and r["run"].startswith(f"{out.experiment_uri}/"), r
+        assert storage.exists(storage.join(r["checkpoint"], "model.safetensors"))
     for uri in out.outputs.values():
         assert uri.startswith("s3://") and storage.exists(uri), uri
     best = load_config_text(storage.read_text(out.outputs["best_config"]), "best.yaml")
     assert best.loss.lambda_je == out.best["loss.lambda_je"]
     again = run_tune(cfg, resume=True)
-    assert [r["trial_id"] for r in again.rows] == [out.rows[0]["trial_id"]] and not again.interrupted
+    assert not again.interrupted
+    assert [(r["trial_id"], r["status"], r["epochs_done"]) for r in again.rows] == \
+        [(r["trial_id"], r["status"], r["epochs_done"]) for r in out.rows]

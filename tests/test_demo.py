@@ -17,8 +17,9 @@ def test_demo_pipeline_tiny(tmp_path):
            "--config", str(REPO / "jobs" / "configs" / "demo-cpu.yaml"),
            "synth.identities=14", "synth.views_per_identity=8", "synth.rows_per_shard=64",
            "train.epochs=1", "data.batch_size=8", "train.warmup_steps=2", "train.freeze_pretrained_epochs=0"]
+    # the pretraining is the preliminary of the runs under test: one worker
     for kv in ("synth.identities=24", "synth.views_per_identity=4", "synth.rows_per_shard=64", "train.epochs=1",
-               "data.batch_size=8", "train.warmup_steps=2"):
+               "data.batch_size=8", "train.warmup_steps=2", "train.num_workers=1"):
         cmd += ["--pretrain-set", kv]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]

@@ -2,8 +2,8 @@
 
 The end-to-end experiments (marked slow) share one local Ray (2 CPUs) and one tiny synthetic data
 set; each trial is a 1-worker run of one to three epochs. The three-trial experiment, which several
-tests assert on, keeps its state, runs and results in object storage (S3); the interrupted one
-resumes from a local folder. The rest checks the search space, the resources, the outputs and the
+tests assert on, keeps its state, runs and results in object storage (S3), and is interrupted after
+two trials and resumed for the third. The rest checks the search space, the resources, the outputs and the
 CLI without Ray.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import os
@@ -183,24 +184,52 @@ GOOD = {"train.lr": 0.05, "loss.lambda_je": 0.1, "loss.je_bins": 16, "loss.je_ba
 POOR = {**GOOD, "train.lr": 1e-6}  # learns nothing: its validation stays at the initial model's
 
 
+def _finished_state(cfg, row) -> dict:
+    """What a finished trial left: its run's files (written only by its training: modification
+    time and bytes), its run's checkpoint folders, and its Tune results (bytes; Tune uploads its
+    trial folders again, same content, when it restores an experiment)."""
+    import pyarrow.fs as pafs
+
+    from posefr_dist import storage
+
+    fs, path = storage.filesystem(row["run"])
+    state = {"checkpoints": sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path))
+                                   if i.base_name.startswith("checkpoint_"))}
+    for name in ("history.json", "train_summary.json"):  # a stopped trial's training writes no summary
+        uri = storage.join(row["run"], name)
+        if storage.exists(uri):
+            state[name] = (fs.get_file_info(storage.filesystem(uri)[1]).mtime, storage.read_bytes(uri))
+    state["progress.csv"] = storage.read_bytes(storage.join(experiment_uri(cfg), f"trial_{row['trial_id']}",
+                                                            "progress.csv"))
+    return state
+
+
 @pytest.fixture(scope="module")
 def experiment(shards, tmp_path_factory, s3_server, ray_local):
     """3 trials of 3 epochs, one at a time, Optuna TPE + ASHA (one rung, after epoch 2), with the
     experiment's state, the trials' runs and the results in object storage (S3; the data local).
+    It is interrupted once its first two trials have finished (``tune.stop_after_trials``) and
+    resumed (``--resume``) for the third.
 
     Arranged so that ASHA's decision is certain: the space adds train.lr, the first two trials
     (initial points) are a learning one and one whose lr is too small to learn, and the objective
     is the epoch's mean training loss (min): after two epochs the first is ~10 below the second
     (68 against 78), while validation TARs on a split this small differ by noise. The second trial
-    must be stopped at the rung."""
+    must be stopped at the rung.
+
+    Yields (config, the interrupted outcome, its finished trials' state, the resumed outcome)."""
     from posefr_dist import storage
 
     out = f"s3://{s3_server['bucket']}/tune-experiment-{time.monotonic_ns()}"
     cfg = _cfg(shards, out, "je3", "tune.num_samples=3", "train.epochs=3", "tune.grace_period=2",
                "tune.metric=train/loss", "tune.mode=min", "tune.space.train.lr={loguniform: [1e-6, 0.1]}",
-               f"tune.initial_points={json.dumps([GOOD, POOR])}")
+               f"tune.initial_points={json.dumps([GOOD, POOR])}", "tune.stop_after_trials=2")
     try:
-        yield cfg, run_tune(cfg)
+        first = run_tune(cfg)
+        finished = {r["trial_id"]: _finished_state(cfg, r) for r in first.rows
+                    if r["status"] in ("completed", "stopped early")}
+        time.sleep(1.1)  # S3 keeps modification times in whole seconds
+        yield cfg, first, finished, run_tune(cfg, resume=True)
     finally:
         try:
             storage.delete(out)
@@ -216,7 +245,7 @@ def _row_with_lr(rows, lr):
 def test_experiment_of_three_trials_completes(experiment):
     from posefr_dist import storage
 
-    cfg, out = experiment
+    cfg, _, _, out = experiment
     print(f"\nexperiment wall time {out.wall_s:.1f}s\n" + _read(out.outputs["table_md"]))
     assert len(out.rows) == 3 and not out.interrupted
     assert all(r["status"] in ("completed", "stopped early") for r in out.rows), out.rows
@@ -235,7 +264,7 @@ def test_experiment_of_three_trials_completes(experiment):
 
 @pytest.mark.slow
 def test_asha_stops_the_poor_trial_early(experiment):
-    cfg, out = experiment
+    cfg, _, _, out = experiment
     good, poor = _row_with_lr(out.rows, GOOD["train.lr"]), _row_with_lr(out.rows, POOR["train.lr"])
     assert good is not poor and good["status"] == "completed" and good["epochs_done"] == 3
     from posefr_dist import storage
@@ -252,7 +281,7 @@ def test_asha_stops_the_poor_trial_early(experiment):
 def test_best_config_trains(experiment, tmp_path):
     from posefr_dist.train.trainer import check_config, train
 
-    cfg, out = experiment
+    cfg, _, _, out = experiment
     local = tmp_path / "best.yaml"  # the experiment's best config, fetched from object storage
     local.write_text(_read(out.outputs["best_config"]))
     best = load_config(local, [f"train.storage_path={tmp_path}", "train.epochs=1"])
@@ -265,32 +294,22 @@ def test_best_config_trains(experiment, tmp_path):
 
 
 @pytest.mark.slow
-def test_interrupted_experiment_resumes_without_rerunning_finished_trials(shards, tmp_path, ray_local):
-    cfg = _cfg(shards, tmp_path, "resume", "tune.num_samples=2", "train.epochs=1", "tune.search=random",
-               "tune.stop_after_trials=1")
-    first = run_tune(cfg)
-    assert first.interrupted
-    done = [r for r in first.rows if r["status"] == "completed"]
-    assert len(done) == 1
-    tid = done[0]["trial_id"]
-    run = Path(done[0]["run"])
-    trial_dir = Path(experiment_uri(cfg), f"trial_{tid}")
-    # the run's files are written only by its training; Tune rewrites (same content) its own on restore
-    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in [run / "history.json", run / "train_summary.json"]}
-    progress = (trial_dir / "progress.csv").read_text()
-    checkpoints = sorted(p.name for p in run.glob("checkpoint_*"))
-
-    second = run_tune(cfg, resume=True)
-    assert not second.interrupted
-    assert len(second.rows) == 2 and all(r["status"] == "completed" for r in second.rows), second.rows
-    assert tid in {r["trial_id"] for r in second.rows}
-    for p, (mtime, data) in before.items():  # the finished trial did not run again
-        assert (p.stat().st_mtime_ns, p.read_bytes()) == (mtime, data), p
-    assert sorted(p.name for p in run.glob("checkpoint_*")) == checkpoints
-    assert (trial_dir / "progress.csv").read_text() == progress  # no new results for it
-    assert len(list(Path(experiment_uri(cfg), "runs").iterdir())) == 2
-    with open(second.outputs["table_csv"]) as f:
-        assert len(list(csv.DictReader(f))) == 2
+def test_interrupted_experiment_resumes_without_rerunning_finished_trials(experiment):
+    """The experiment above stopped after two trials; resumed, it ran the third only: the finished
+    trials' runs were not written again (same times, same bytes, same checkpoints), nor were new
+    results recorded for them."""
+    cfg, first, finished, second = experiment
+    assert first.interrupted and not second.interrupted
+    assert len(finished) == 2, first.rows
+    assert {r["status"] for r in first.rows if r["trial_id"] in finished} == {"completed", "stopped early"}
+    assert len(second.rows) == 3 and set(finished) < {r["trial_id"] for r in second.rows}, second.rows
+    for tid, state in finished.items():
+        row = next(r for r in second.rows if r["trial_id"] == tid)
+        assert _finished_state(cfg, row) == state, tid
+    assert {"history.json", "train_summary.json"} <= {k for s in finished.values() for k in s}
+    new = next(r for r in second.rows if r["trial_id"] not in finished)
+    assert new["status"] in ("completed", "stopped early") and _history(new["run"]), new
+    assert len(list(csv.DictReader(io.StringIO(_read(second.outputs["table_csv"]))))) == 3
 
 
 @pytest.mark.slow
@@ -300,7 +319,7 @@ def test_experiment_on_s3(experiment):
     from posefr_dist import storage
     from posefr_dist.tune.search import load_config_text
 
-    cfg, out = experiment
+    cfg, _, _, out = experiment
     assert cfg.tune.storage_path.startswith("s3://")
     assert out.experiment_uri == f"{cfg.tune.storage_path}/je3"
     for r in out.rows:

@@ -16,7 +16,9 @@ def test_demo_pipeline_tiny(tmp_path):
     cmd = [sys.executable, "-m", "posefr_dist.cli", "demo", "--out", str(out),
            "--config", str(REPO / "jobs" / "configs" / "demo-cpu.yaml"),
            "synth.identities=14", "synth.views_per_identity=8", "synth.rows_per_shard=64",
-           "train.epochs=1", "data.batch_size=8", "train.warmup_steps=2", "train.freeze_pretrained_epochs=0"]
+           "train.epochs=1", "data.batch_size=8", "train.warmup_steps=2", "train.freeze_pretrained_epochs=0",
+           # one worker: the pipeline is under test here; 2-worker runs of this preset are test_train's
+           "train.num_workers=1"]
     # the pretraining is the preliminary of the runs under test: one worker
     for kv in ("synth.identities=24", "synth.views_per_identity=4", "synth.rows_per_shard=64", "train.epochs=1",
                "data.batch_size=8", "train.warmup_steps=2", "train.num_workers=1"):

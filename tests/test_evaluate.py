@@ -20,6 +20,9 @@ from posefr_dist.eval.embed import embed, evaluate
 from posefr_dist.model import build_model, export_2d
 from tests.data_utils import tiny_cfg
 
+# end to end: each test embeds through Ray (two of them as CLI processes)
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):

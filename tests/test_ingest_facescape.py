@@ -173,6 +173,7 @@ def test_ingest_by_registration(tree, tmp_path):
     assert yaw_err < 5.0 and pitch_err < 5.0
 
 
+@pytest.mark.slow  # the whole CLI on Ray, writing its shards to S3
 def test_cli_on_ray_to_s3(tree, ray_local, s3_uri, capsys):
     rc = ingest_main(["ingest", "facescape", "--images", str(tree.images), "--align", str(tree.align),
                       "--out", s3_uri, "--splits", "train=1-3,test=4", "--val-fraction", "0",

@@ -96,6 +96,7 @@ def _plan(root, mode: str) -> dict[str, list[list[int]]]:
             for e in (0, 1) for r in (0, 1)}
 
 
+@pytest.mark.slow  # three driver processes, each importing Ray and torch
 def test_two_fresh_drivers_see_the_same_sequences(root, ray_address, tmp_path):
     """Each driver is a new process joining the cluster; per rank and step the rows are equal: two
     fresh drivers (streamed and cached, started together) and this process (streamed)."""

@@ -3,8 +3,8 @@
 The end-to-end experiments (marked slow) share one local Ray (2 CPUs) and one tiny synthetic data
 set; each trial is a 1-worker run of one to three epochs. The three-trial experiment, which several
 tests assert on, keeps its state, runs and results in object storage (S3), and is interrupted after
-two trials and resumed for the third. The rest checks the search space, the resources, the outputs and the
-CLI without Ray.
+two trials and resumed for the third. The rest checks the search space, the resources, the outputs
+and the CLI without Ray.
 """
 
 from __future__ import annotations
@@ -196,9 +196,9 @@ def _finished_state(cfg, row) -> dict:
     state = {"checkpoints": sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path))
                                    if i.base_name.startswith("checkpoint_"))}
     for name in ("history.json", "train_summary.json"):  # a stopped trial's training writes no summary
-        uri = storage.join(row["run"], name)
-        if storage.exists(uri):
-            state[name] = (fs.get_file_info(storage.filesystem(uri)[1]).mtime, storage.read_bytes(uri))
+        info = fs.get_file_info(f"{path}/{name}")
+        if info.type != pafs.FileType.NotFound:
+            state[name] = (info.mtime, storage.read_bytes(storage.join(row["run"], name)))
     state["progress.csv"] = storage.read_bytes(storage.join(experiment_uri(cfg), f"trial_{row['trial_id']}",
                                                             "progress.csv"))
     return state
@@ -298,6 +298,10 @@ def test_interrupted_experiment_resumes_without_rerunning_finished_trials(experi
     """The experiment above stopped after two trials; resumed, it ran the third only: the finished
     trials' runs were not written again (same times, same bytes, same checkpoints), nor were new
     results recorded for them."""
+    import pyarrow.fs as pafs
+
+    from posefr_dist import storage
+
     cfg, first, finished, second = experiment
     assert first.interrupted and not second.interrupted
     assert len(finished) == 2, first.rows
@@ -309,6 +313,8 @@ def test_interrupted_experiment_resumes_without_rerunning_finished_trials(experi
     assert {"history.json", "train_summary.json"} <= {k for s in finished.values() for k in s}
     new = next(r for r in second.rows if r["trial_id"] not in finished)
     assert new["status"] in ("completed", "stopped early") and _history(new["run"]), new
+    fs, runs = storage.filesystem(storage.join(experiment_uri(cfg), "runs"))  # one run folder per trial
+    assert len([i for i in fs.get_file_info(pafs.FileSelector(runs)) if i.type == pafs.FileType.Directory]) == 3
     assert len(list(csv.DictReader(io.StringIO(_read(second.outputs["table_csv"]))))) == 3
 
 

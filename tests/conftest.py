@@ -139,3 +139,27 @@ def s3_uri(s3_server, request):
         storage.delete(uri)
     except Exception:
         pass
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrain(ray_local, tmp_path_factory):
+    """``posefr pretrain`` of data_utils.TINY_PRETRAIN_CONFIG with TINY_PRETRAIN_SETS, run once per session
+    through the CLI in this process, on the session's Ray. Returns ``{"out": folder, "stdout":
+    what the command printed}``.
+
+    test_pretrain asserts on this run. The demo and ablation tests copy the folder into their
+    ``OUT/pretrain``: their stage 0 is the same resumable pretraining, which then finds its export
+    finished and reuses it (one pretraining per session instead of one per test). Tests must not
+    change the folder; a test that changes it changes a copy."""
+    import contextlib
+    import io
+
+    from posefr_dist.cli import main
+    from tests.data_utils import TINY_PRETRAIN_CONFIG, TINY_PRETRAIN_SETS
+
+    out = tmp_path_factory.mktemp("tiny-pretrain") / "pretrain"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["pretrain", "--config", str(TINY_PRETRAIN_CONFIG), "--out", str(out), *TINY_PRETRAIN_SETS])
+    assert rc == 0, buf.getvalue()[-3000:]
+    return {"out": out, "stdout": buf.getvalue()}

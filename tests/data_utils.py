@@ -18,6 +18,13 @@ TINY = dict(identities=8, views_per_identity=6, image_size=64, points=128, rows_
             val_fraction=0.15, test_fraction=0.25)
 
 
+#: the pretraining the demo and ablation tests start from (conftest's ``tiny_pretrain``): the
+#: demo's pretraining preset at a tiny size on one worker (their ``--pretrain-set`` values)
+TINY_PRETRAIN_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "pretrain-demo-cpu.yaml"
+TINY_PRETRAIN_SETS = ("synth.identities=24", "synth.views_per_identity=4", "synth.rows_per_shard=64",
+                      "train.epochs=1", "data.batch_size=8", "train.warmup_steps=2", "train.num_workers=1")
+
+
 def tiny_cfg(**kw) -> SynthConfig:
     return SynthConfig(**{**TINY, **kw})
 

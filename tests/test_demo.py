@@ -1,27 +1,31 @@
 """The main job (`posefr demo`) end to end at a tiny size, as a separate process."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.data_utils import TINY_PRETRAIN_SETS
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_demo_pipeline_tiny(tmp_path):
+def test_demo_pipeline_tiny(tmp_path, tiny_pretrain):
     out = tmp_path / "demo"
+    # stage 0 (the resumable pretraining) finds the session's tiny pretraining of the same preset
+    # finished and reuses it; the pretraining itself is test_pretrain's
+    shutil.copytree(tiny_pretrain["out"], out / "pretrain")
     cmd = [sys.executable, "-m", "posefr_dist.cli", "demo", "--out", str(out),
            "--config", str(REPO / "jobs" / "configs" / "demo-cpu.yaml"),
            "synth.identities=14", "synth.views_per_identity=8", "synth.rows_per_shard=64",
            "train.epochs=1", "data.batch_size=8", "train.warmup_steps=2", "train.freeze_pretrained_epochs=0",
            # one worker: the pipeline is under test here; 2-worker runs of this preset are test_train's
            "train.num_workers=1"]
-    # the pretraining is the preliminary of the runs under test: one worker
-    for kv in ("synth.identities=24", "synth.views_per_identity=4", "synth.rows_per_shard=64", "train.epochs=1",
-               "data.batch_size=8", "train.warmup_steps=2", "train.num_workers=1"):
+    for kv in TINY_PRETRAIN_SETS:
         cmd += ["--pretrain-set", kv]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
@@ -36,7 +40,8 @@ def test_demo_pipeline_tiny(tmp_path):
         assert (out / "eval" / variant / "report.json").exists()
         assert (out / "models" / variant / "model.safetensors").exists()
     assert str(out) in r.stdout
-    # both variants fine-tuned from the encoder the demo pretrained
+    # both variants fine-tuned from the encoder of stage 0, which reused the finished pretraining
+    assert "(reused)" in r.stdout, r.stdout[-3000:]
     enc = out / "pretrain" / "encoder"
     assert (enc / "config.json").exists() and (out / "pretrain" / "shards" / "manifest.json").exists()
     for variant in ("2d-only-seed0", "jam-je-seed0"):

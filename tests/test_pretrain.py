@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -338,43 +339,44 @@ def test_pretrain_preset_loads():
 
 
 @pytest.mark.slow
-def test_pretrain_end_to_end_resumes_and_feeds_a_fine_tune(tmp_path, ray_local, capsys):
+def test_pretrain_end_to_end_resumes_and_feeds_a_fine_tune(tiny_pretrain, tmp_path, ray_local, capsys):
+    """``posefr pretrain`` (the session's tiny run of the demo's pretraining preset, conftest's
+    ``tiny_pretrain``): its export, its 2D-only set, resuming it (on a copy), and a fine-tune from it."""
     from posefr_dist.cli import main
     from posefr_dist.train.checkpoint import load_weights
     from posefr_dist.train.trainer import check_config, train
+    from tests.data_utils import TINY_PRETRAIN_CONFIG, TINY_PRETRAIN_SETS
 
-    out = tmp_path / "pre"
-    tiny = ["synth.identities=16", "synth.views_per_identity=8", f"synth.image_size={SIZE}",
-            "synth.val_fraction=0.2", "synth.test_fraction=0.1", "synth.rows_per_shard=64",
-            "model.embedding_dim=32", "data.batch_size=8", "data.shuffle_buffer=32", "train.epochs=1",
-            "train.max_steps_per_epoch=3", "train.warmup_steps=1", "train.num_workers=1", "eval.fars=[0.1]",
-            "train.checkpoint_metric=val/tar@far=0.1/all"]
-    assert main(["pretrain", "--out", str(out), *tiny]) == 0
-    enc = out / "encoder"
-    assert f"model.pretrained_2d={enc}" in capsys.readouterr().out
-    conf = json.loads((enc / "config.json").read_text())
-    assert (conf["encoder_2d"], conf["image_size"], conf["embedding_dim"]) == ("ir_tiny", SIZE, 32)
-    man = json.loads((out / "shards" / "manifest.json").read_text())
+    session = tiny_pretrain["out"]
+    assert f"model.pretrained_2d={session / 'encoder'}" in tiny_pretrain["stdout"]
+    assert "reused" not in tiny_pretrain["stdout"], tiny_pretrain["stdout"]  # it trained
+    conf = json.loads((session / "encoder" / "config.json").read_text())
+    assert (conf["encoder_2d"], conf["image_size"], conf["embedding_dim"]) == ("ir_tiny", 64, 128)
+    man = json.loads((session / "shards" / "manifest.json").read_text())
     assert man["generator"]["params"]["with_points"] is False
-    assert json.loads((out / "pretrain.json").read_text())["best_checkpoint"]
+    assert json.loads((session / "pretrain.json").read_text())["best_checkpoint"]
 
+    out = tmp_path / "pre"  # the session's run stays as it is: the rest changes a copy
+    shutil.copytree(session, out)
+    enc = out / "encoder"
+    args = ["pretrain", "--config", str(TINY_PRETRAIN_CONFIG), "--out", str(out), *TINY_PRETRAIN_SETS]
     # a second call reuses everything at once
     t0 = time.monotonic()
-    assert main(["pretrain", "--out", str(out), *tiny]) == 0
+    assert main(args) == 0
     assert "reused: shards, train, export" in capsys.readouterr().out
     assert time.monotonic() - t0 < 10
     # without the export, the finished run is reused and only the export is redone
     (enc / "config.json").unlink()
-    assert main(["pretrain", "--out", str(out), *tiny]) == 0
+    assert main(args) == 0
     assert "reused: shards, train" in capsys.readouterr().out and (enc / "config.json").exists()
 
     # a jam-je fine-tune on paired data starts from it: the upfront check passes, and with the
     # trunk frozen for the first epoch (ZeRO-2) its first checkpoint still holds the export's weights
     paired = tmp_path / "paired"
-    synthesize(tiny_cfg(image_size=SIZE, identities=8, views_per_identity=6), str(paired), use_ray=False)
+    synthesize(tiny_cfg(image_size=64, identities=8, views_per_identity=6), str(paired), use_ray=False)
     cfg = load_config(REPO / "jobs" / "configs" / "tiny-cpu.yaml", [
         f"data.uri={paired}", f"train.storage_path={tmp_path / 'runs'}", "train.run_name=finetune",
-        f"model.pretrained_2d={enc}", "model.embedding_dim=32", "train.epochs=2", "train.zero_stage=2",
+        f"model.pretrained_2d={enc}", "model.embedding_dim=128", "train.epochs=2", "train.zero_stage=2",
         "train.freeze_pretrained_epochs=1", "train.pretrained_lr_mult=0.5", "train.optimizer=adamw",
         "train.lr=0.01", "train.keep_checkpoints=2", "train.max_steps_per_epoch=2", "train.num_workers=1",
         "train.checkpoint_metric=val/tar@far=0.1/all", "loss.je_warmup_epochs=1"])

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.reproduce import mean_std, table  # noqa: E402
+from tests.data_utils import TINY_PRETRAIN_SETS  # noqa: E402
 
 
 def report(values: dict[str, float]) -> dict:
@@ -54,25 +56,27 @@ def test_extra_variants_are_jam_je_with_one_change(tmp_path):
 
 
 @pytest.mark.slow
-def test_ablation_script_tiny(tmp_path, ray_address):
+def test_ablation_script_tiny(tmp_path, ray_address, tiny_pretrain):
     """The script as its own process (twice), joining the session's Ray as it joins a cluster's
-    (RAY_ADDRESS) rather than starting a second local Ray next to it."""
+    (RAY_ADDRESS) rather than starting a second local Ray next to it. Its pretraining finds the
+    session's tiny pretraining (the same settings) finished in OUT/pretrain and reuses it."""
     out = tmp_path / "ablation"
+    shutil.copytree(tiny_pretrain["out"], out / "pretrain")
     env = dict(os.environ, RAY_ADDRESS=ray_address)
     cmd = [sys.executable, str(REPO / "benchmarks" / "reproduce.py"), "--preset", "cpu", "--seeds", "0",
            "--variants", "2d-only,jam", "--out", str(out),
            "synth.identities=14", "synth.views_per_identity=8", "synth.rows_per_shard=64",
            "train.epochs=1", "data.batch_size=8", "train.warmup_steps=2", "train.freeze_pretrained_epochs=0",
            "train.num_workers=1"]
-    for kv in ("synth.identities=24", "synth.views_per_identity=4", "synth.rows_per_shard=64", "train.epochs=1",
-               "data.batch_size=8", "train.warmup_steps=2", "train.num_workers=1"):
+    for kv in TINY_PRETRAIN_SETS:
         cmd += ["--pretrain-set", kv]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     res = json.loads((out / "results.json").read_text())
     assert set(res["reports"]) == {"2d-only", "jam"} and set(res["reports"]["jam"]) == {"0"}
-    # pretrained once, and both variants fine-tuned from that encoder
+    # pretrained once (reused here), and both variants fine-tuned from that encoder
     assert res["pretrain"]["protocol"] == "pretrained" and (out / "pretrain" / "encoder" / "config.json").exists()
+    assert res["pretrain"]["reused"] == ["shards", "train", "export"], res["pretrain"]
     assert f"model.pretrained_2d={out / 'pretrain' / 'encoder'}" in res["overrides"]
     assert "tar_3d" in res["diagnostics"]["jam"]["0"] and "tar_3d" not in res["diagnostics"]["2d-only"]["0"]
     md = (out / "table.md").read_text()

@@ -21,7 +21,7 @@ from posefr_dist import storage
 from posefr_dist.config import ConfigError, load_config
 from posefr_dist.data.synth import synthesize
 from posefr_dist.train.checkpoint import export_checkpoint, load_weights
-from posefr_dist.train.trainer import train
+from posefr_dist.train.trainer import check_config, train
 from tests.data_utils import tiny_cfg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,25 +131,24 @@ def test_killed_worker_is_replaced_and_no_epoch_counted_twice(killed):
 
 
 @pytest.mark.slow
-def test_resume_gives_the_same_weights(baseline, shards, tmp_path, ray_local):
-    """Stop after epoch 0 (a killed worker, no retries), resume from its checkpoint: the final
-    weights equal those of the uninterrupted run (same seed; tolerance 1e-5 absolute). These two
-    runs validate at epoch ends only."""
-    base_cfg, base = baseline
-    extra = ["train.epochs=3", "train.keep_checkpoints=3", "train.checkpoint_metric=val/tar@far=0.1/all"]
-    stopped = _cfg(shards, str(tmp_path), "stopped", *extra, "train.chaos_kill_at=1:0:0", "train.max_failures=0")
-    with pytest.raises(RuntimeError, match="training failed"):
-        train(stopped)
+def test_run_failing_past_its_restarts_raises_and_keeps_its_checkpoint(shards, tmp_path, ray_local):
+    """A worker killed at the start of epoch 1 with no restart allowed: ``train`` raises
+    ``RuntimeError("training failed: ...")`` with the cause, and the epoch-0 checkpoint, the one a
+    ``train.resume_from`` continues from, is kept and complete. (That resuming from a checkpoint
+    ends at the uninterrupted run's weights is the mid-epoch kill test's, and on ZeRO-2 the CLI
+    resume test's, in test_surfaces.)"""
+    cfg = _cfg(shards, str(tmp_path), "stopped", "train.epochs=2", "train.num_workers=1", "train.cpus_per_worker=1",
+               "train.max_steps_per_epoch=2", "train.keep_checkpoints=3", "train.checkpoint_metric=val/tar@far=0.1/all",
+               "train.chaos_kill_at=1:0:0", "train.max_failures=0")
+    with pytest.raises(RuntimeError, match="training failed: .*(died|exit|kill|Worker|worker)"):
+        train(cfg)
+    assert (tmp_path / "stopped" / "chaos-fired").exists(), "the worker was not killed"
     ckpts = sorted(glob.glob(str(tmp_path / "stopped" / "checkpoint_2*")))
     assert len(ckpts) == 1
-    resumed = train(_cfg(shards, str(tmp_path), "resumed", *extra, f"train.resume_from={ckpts[0]}"))
-    assert _epochs(resumed) == [1, 2]
-    final_base = _last_checkpoint(base.run_uri)
-    final_resumed = _last_checkpoint(str(tmp_path / "resumed"))
-    a, b = _weights(final_base), _weights(final_resumed)
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
+    meta = json.loads(Path(ckpts[0], "meta.json").read_text())
+    assert (meta["epoch"], meta["world_size"], meta["global_step"]) == (0, 1, 2)
+    assert set(_weights(ckpts[0])) and all(torch.isfinite(v).all() for v in _weights(ckpts[0]).values())
+    check_config(_cfg(shards, str(tmp_path), "resumed", f"train.resume_from={ckpts[0]}"))  # a valid start
 
 
 @pytest.mark.slow

@@ -278,19 +278,28 @@ def test_asha_stops_the_poor_trial_early(experiment):
 
 
 @pytest.mark.slow
-def test_best_config_trains(experiment, tmp_path):
-    from posefr_dist.train.trainer import check_config, train
+def test_best_config_is_what_the_best_trial_trained(experiment, tmp_path):
+    """best.yaml, fetched from object storage, is the config the best trial trained with (the
+    config.yaml its training wrote into its run), but for where its own run goes; the trainer's
+    upfront check accepts it. Training it is training that config, which the trial did."""
+    from posefr_dist import storage
+    from posefr_dist.train.trainer import check_config
+    from posefr_dist.tune.search import load_config_text
 
     cfg, _, _, out = experiment
-    local = tmp_path / "best.yaml"  # the experiment's best config, fetched from object storage
+    local = tmp_path / "best.yaml"
     local.write_text(_read(out.outputs["best_config"]))
-    best = load_config(local, [f"train.storage_path={tmp_path}", "train.epochs=1"])
+    best = load_config(local)
     row = out.best
     assert (best.loss.lambda_je, best.loss.je_bins, best.loss.je_bandwidth, best.train.lr) == \
         (row["loss.lambda_je"], row["loss.je_bins"], row["loss.je_bandwidth"], row["train.lr"])
+    assert (best.train.storage_path, best.train.run_name) == (cfg.train.storage_path, "je3-best")
     check_config(best)
-    result = train(best)
-    assert result.best_checkpoint and Path(tmp_path, "je3-best", "train_summary.json").exists()
+    trained = load_config_text(storage.read_text(storage.join(row["run"], "config.yaml")), "config.yaml")
+    assert trained.train.run_name == row["trial_id"] and trained.loss.lambda_je == best.loss.lambda_je
+    moved = apply_params(best, {}, train__storage_path=trained.train.storage_path,
+                         train__run_name=trained.train.run_name)
+    assert dump_config(moved) == dump_config(trained)
 
 
 @pytest.mark.slow

@@ -136,6 +136,35 @@ def export_dir(tmp_path) -> Path:
     return out
 
 
+def test_adaface_checkpoint_loads_into_the_trunk_and_the_output_layer(tmp_path):
+    """An AdaFace-layout file as ``model.pretrained_2d``, loaded as the training loop loads it (the
+    seeded joint model, then load_pretrained_2d): the IR trunk and the shared output layer become
+    the file's, the 3D branch keeps the run's own seeded initial weights. (The loop's call of it is
+    test_pretrain's end-to-end fine-tune and the demo's, from the project's own export.)"""
+    from posefr_dist.model import create_encoder_2d
+
+    torch.manual_seed(7)
+    src = create_encoder_2d("ir_tiny", image_size=64, embedding_dim=32)
+    path = tmp_path / "adaface_ir_tiny.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in src.state_dict().items()}}, path)
+    ref = src.state_dict()
+
+    torch.manual_seed(0)  # the loop: torch.manual_seed(train.seed), then build_model
+    fresh = _model("jam-je", image_size=64).state_dict()
+    torch.manual_seed(0)
+    model = _model("jam-je", image_size=64)
+    loaded = load_pretrained_2d(model, str(path))
+    w = model.state_dict()
+    assert loaded["format"] == "adaface" and loaded["params"]
+    for key, file_key in (("encoder_2d.input_layer.0.weight", "input_layer.0.weight"),
+                          ("encoder_2d.body.0.res_layer.1.weight", "body.0.res_layer.1.weight"),
+                          ("embed.3.weight", "output_layer.3.weight")):
+        assert torch.equal(w[key], ref[file_key]), key
+        assert not torch.allclose(fresh[key], ref[file_key], atol=1e-3), key  # the check can tell
+    k3d = [k for k, v in fresh.items() if k.startswith("encoder_3d.") and v.dim() >= 2]
+    assert k3d and all(torch.equal(w[k], fresh[k]) for k in k3d)
+
+
 @pytest.mark.parametrize("name", ["folder", "model.safetensors"])
 def test_own_export_loads_with_identical_2d_embeddings(export_dir, name):
     torch.manual_seed(1)

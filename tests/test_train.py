@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -173,40 +172,6 @@ def test_train_from_s3_with_s3_storage(demo_twice):
     assert storage.exists(storage.join(runs, "second", "train_summary.json"))
     losses = [h["train/loss"] for h in out.history if h.get("end_of_epoch")]
     assert losses[-1] < losses[0]
-
-
-@pytest.mark.slow
-def test_training_starts_from_a_pretrained_2d_model(shards, tmp_path, ray_local):
-    """model.pretrained_2d loads an AdaFace-layout checkpoint into the IR trunk and the shared
-    output layer of every worker; at a negligible learning rate the trained weights are the file's."""
-    from posefr_dist.model import create_encoder_2d
-
-    torch.manual_seed(7)
-    src = create_encoder_2d("ir_tiny", image_size=64, embedding_dim=64)
-    path = tmp_path / "adaface_ir_tiny.ckpt"
-    torch.save({"state_dict": {f"model.{k}": v for k, v in src.state_dict().items()}}, path)
-    cfg = _cfg(shards, str(tmp_path / "runs"), "pretrained", "train.epochs=1", "train.lr=1e-12",
-               "train.weight_decay=0", f"model.pretrained_2d={path}")
-    outcome = train(cfg)
-    w = _weights(outcome.best_checkpoint)
-    ref = src.state_dict()
-    assert torch.allclose(w["encoder_2d.input_layer.0.weight"], ref["input_layer.0.weight"], atol=1e-6)
-    assert torch.allclose(w["encoder_2d.body.0.res_layer.1.weight"], ref["body.0.res_layer.1.weight"], atol=1e-6)
-    assert torch.allclose(w["embed.3.weight"], ref["output_layer.3.weight"], atol=1e-6)
-    # a fresh run of the same seed starts elsewhere: its initial weights, seeded as the loop seeds
-    # them (a run at this learning rate ends where it starts), are not the file's
-    from posefr_dist.config import LossConfig, ModelConfig
-    from posefr_dist.model import build_model
-
-    meta = json.loads(Path(outcome.best_checkpoint, "meta.json").read_text())
-    torch.manual_seed(cfg.train.seed)
-    fresh = build_model(ModelConfig(**{**meta["config"]["model"], "pretrained_2d": ""}),
-                        LossConfig(**meta["config"]["loss"]), meta["num_classes"], meta["image_size"],
-                        meta["num_points"]).state_dict()
-    assert not torch.allclose(fresh["encoder_2d.input_layer.0.weight"], ref["input_layer.0.weight"], atol=1e-3)
-    # and that is the run's own start: what the file does not hold (the 3D branch) is still there
-    k3d = next(k for k, v in fresh.items() if k.startswith("encoder_3d.") and v.dim() >= 2)
-    torch.testing.assert_close(w[k3d], fresh[k3d], rtol=0, atol=1e-6, msg=k3d)
 
 
 BAD_CONFIGS = [

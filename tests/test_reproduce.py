@@ -58,10 +58,18 @@ def test_extra_variants_are_jam_je_with_one_change(tmp_path):
 @pytest.mark.slow
 def test_ablation_script_tiny(tmp_path, ray_address, tiny_pretrain):
     """The script as its own process (twice), joining the session's Ray as it joins a cluster's
-    (RAY_ADDRESS) rather than starting a second local Ray next to it. Its pretraining finds the
-    session's tiny pretraining (the same settings) finished in OUT/pretrain and reuses it."""
+    (RAY_ADDRESS) rather than starting a second local Ray next to it. It resumes an interrupted
+    ablation: OUT/results.json already holds a finished 2d-only seed-0 result, so only jam trains,
+    and the table pairs the two. Its pretraining finds the session's tiny pretraining (the same
+    settings) finished in OUT/pretrain and reuses it."""
+    from benchmarks.reproduce import FARS
+    from posefr_dist.eval.exact import far_key
+
     out = tmp_path / "ablation"
     shutil.copytree(tiny_pretrain["out"], out / "pretrain")
+    finished = {b: {"tar_at_far": {far_key(f): 0.5 for f in FARS}} for b in ("0-30", "30-60", "60-90", "90+", "all")}
+    (out / "results.json").write_text(json.dumps({"reports": {"2d-only": {"0": {"bins": finished}}},
+                                                  "train_seconds": {"2d-only/seed0": 1.0}}))
     env = dict(os.environ, RAY_ADDRESS=ray_address)
     cmd = [sys.executable, str(REPO / "benchmarks" / "reproduce.py"), "--preset", "cpu", "--seeds", "0",
            "--variants", "2d-only,jam", "--out", str(out),
@@ -72,15 +80,18 @@ def test_ablation_script_tiny(tmp_path, ray_address, tiny_pretrain):
         cmd += ["--pretrain-set", kv]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "jam seed 0: trained in" in r.stdout and "2d-only seed 0: trained" not in r.stdout, r.stdout[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert set(res["reports"]) == {"2d-only", "jam"} and set(res["reports"]["jam"]) == {"0"}
-    # pretrained once (reused here), and both variants fine-tuned from that encoder
+    assert res["reports"]["2d-only"]["0"]["bins"] == finished  # kept as it was
+    # pretrained once (reused here), and the variant fine-tuned from that encoder
     assert res["pretrain"]["protocol"] == "pretrained" and (out / "pretrain" / "encoder" / "config.json").exists()
     assert res["pretrain"]["reused"] == ["shards", "train", "export"], res["pretrain"]
     assert f"model.pretrained_2d={out / 'pretrain' / 'encoder'}" in res["overrides"]
-    assert "tar_3d" in res["diagnostics"]["jam"]["0"] and "tar_3d" not in res["diagnostics"]["2d-only"]["0"]
+    assert "tar_3d" in res["diagnostics"]["jam"]["0"]
+    assert (out / "models" / "jam-seed0" / "model.safetensors").exists() and not (out / "models" / "2d-only-seed0").exists()
     md = (out / "table.md").read_text()
-    assert "| 2d-only |" in md and "| jam − 2d-only (paired by seed) |" in md and "Diagnostics" in md
+    assert "| 2d-only | 50.0 ± 0.0 |" in md and "| jam − 2d-only (paired by seed) |" in md and "Diagnostics" in md
     assert (out / "tar_vs_yaw.png").stat().st_size > 0
     # a second call resumes: nothing left to train, same table
     r2 = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)

@@ -154,15 +154,34 @@ def test_submit_without_or_with_a_wrong_token_is_rejected(auth_head):
         assert job_id not in job_ids(auth_head)
 
 
-def test_train_job_with_token_succeeds_and_writes_its_checkpoint(auth_head, shards, tmp_path):
-    runs = tmp_path / "runs"
-    job_id = f"posefr-train-{time.monotonic_ns()}"
-    submit(auth_head, job_id, "python", "jobs/train.py", "--config", "jobs/configs/tiny-cpu.yaml",
-           f"data.uri={shards}", f"train.storage_path={runs}", "train.run_name=job", "train.epochs=1",
-           f"train.checkpoint_metric={METRIC}")
-    status = wait_for_job(auth_head, job_id)
-    logs = job_logs(auth_head, job_id)
-    assert status == "SUCCEEDED", logs[-4000:]
+@pytest.fixture(scope="module")
+def two_jobs(auth_head, shards, tmp_path_factory):
+    """A train job and a one-trial Tune job, submitted together (as a team shares a cluster) and
+    run side by side on the head's 2 CPUs; returns per job its folder, status and logs."""
+    root = tmp_path_factory.mktemp("two-jobs")
+    jobs = {
+        "train": ("python", "jobs/train.py", "--config", "jobs/configs/tiny-cpu.yaml", f"data.uri={shards}",
+                  f"train.storage_path={root / 'train' / 'runs'}", "train.run_name=job", "train.epochs=1",
+                  f"train.checkpoint_metric={METRIC}"),
+        "tune": ("python", "jobs/tune.py", "--config", "jobs/configs/tune-tiny-cpu.yaml", "--num-samples", "1",
+                 f"data.uri={shards}", f"tune.storage_path={root / 'tune' / 'tune'}",
+                 f"train.storage_path={root / 'tune' / 'runs'}", "tune.name=job", f"tune.metric={METRIC}",
+                 "train.epochs=1"),
+    }
+    ids = {name: f"posefr-{name}-{time.monotonic_ns()}" for name in jobs}
+    for name, entrypoint in jobs.items():
+        submit(auth_head, ids[name], *entrypoint)
+    out = {}
+    for name in jobs:
+        status = wait_for_job(auth_head, ids[name])
+        out[name] = {"dir": root / name, "status": status, "logs": job_logs(auth_head, ids[name])}
+    return out
+
+
+def test_train_job_with_token_succeeds_and_writes_its_checkpoint(two_jobs):
+    job = two_jobs["train"]
+    runs, logs = job["dir"] / "runs", job["logs"]
+    assert job["status"] == "SUCCEEDED", logs[-4000:]
     summary = json.loads((runs / "job" / "train_summary.json").read_text())
     best = summary["best_checkpoint"]
     assert summary["error"] is None and best and Path(best).parent == runs / "job", summary
@@ -174,15 +193,10 @@ def test_train_job_with_token_succeeds_and_writes_its_checkpoint(auth_head, shar
     assert f"run: {runs / 'job'}" in logs and f"best checkpoint: {best}" in logs, logs[-4000:]
 
 
-def test_tune_job_with_token_succeeds_and_writes_its_results(auth_head, shards, tmp_path):
-    tune_dir = tmp_path / "tune"
-    job_id = f"posefr-tune-{time.monotonic_ns()}"
-    submit(auth_head, job_id, "python", "jobs/tune.py", "--config", "jobs/configs/tune-tiny-cpu.yaml",
-           "--num-samples", "1", f"data.uri={shards}", f"tune.storage_path={tune_dir}",
-           f"train.storage_path={tmp_path / 'runs'}", "tune.name=job", f"tune.metric={METRIC}", "train.epochs=1")
-    status = wait_for_job(auth_head, job_id)
-    logs = job_logs(auth_head, job_id)
-    assert status == "SUCCEEDED", logs[-4000:]
+def test_tune_job_with_token_succeeds_and_writes_its_results(two_jobs):
+    job = two_jobs["tune"]
+    tune_dir, logs = job["dir"] / "tune", job["logs"]
+    assert job["status"] == "SUCCEEDED", logs[-4000:]
     exp = tune_dir / "job"
     summary = json.loads((exp / "tune_summary.json").read_text())
     assert summary["counts"]["error"] == 0, summary

@@ -79,7 +79,7 @@ class SplitSource:
     identities: int
     on_bad_row: str
     chunk_rows: int
-    bad_rows: Any  # ActorHandle of BadRowLog
+    bad_rows: Any  # ActorHandle of BadRowLog; None under on_bad_row=error
     manifest: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -130,9 +130,16 @@ class SplitSource:
         return ds
 
     def skipped(self) -> int:
-        import ray
+        return skipped_count(self.bad_rows)
 
-        return int(ray.get(self.bad_rows.count.remote()))
+
+def skipped_count(bad_rows: Any) -> int:
+    """Rows a :class:`BadRowLog` (``None``: none, ``on_bad_row=error``) has recorded as skipped."""
+    if bad_rows is None:
+        return 0
+    import ray
+
+    return int(ray.get(bad_rows.count.remote()))
 
 
 def _decode_windows(batch: dict[str, np.ndarray], *, files: list[str], offsets: np.ndarray,
@@ -159,7 +166,7 @@ class ShardDataset:
     """A split as a Ray Dataset (decoded, file order) plus what the caller needs around it."""
 
     dataset: Any  # ray.data.Dataset
-    bad_rows: Any  # ActorHandle of BadRowLog
+    bad_rows: Any  # ActorHandle of BadRowLog; None under on_bad_row=error
     manifest: dict[str, Any]
     split: str
     num_classes: int
@@ -168,11 +175,11 @@ class ShardDataset:
     source: SplitSource | None = None
 
     def skipped(self) -> int:
-        import ray
-
-        return int(ray.get(self.bad_rows.count.remote()))
+        return skipped_count(self.bad_rows)
 
     def skipped_records(self) -> list[tuple]:
+        if self.bad_rows is None:
+            return []
         import ray
 
         return ray.get(self.bad_rows.records.remote())
@@ -309,8 +316,11 @@ def open_split(uri: str, split: str, cfg: DataConfig) -> SplitSource:
     rows_of = {storage.join(uri, e["path"]): int(e["rows"]) for e in man["splits"][split]["shards"]}
     from posefr_dist.raysupport import on_this_node
 
-    # on the driver's node: a lost worker node must not take the run's bad-row counts with it
-    bad_rows = ray.remote(num_cpus=0, scheduling_strategy=on_this_node())(BadRowLog).remote()
+    # on the driver's node: a lost worker node must not take the run's bad-row counts with it.
+    # Under on_bad_row=error the first bad row raises, so nothing would ever be recorded: no
+    # actor then (a process fewer per opened split; counts are 0)
+    bad_rows = (ray.remote(num_cpus=0, scheduling_strategy=on_this_node())(BadRowLog).remote()
+                if cfg.on_bad_row == "skip" else None)
     uris, groups = check_files(uris, rows_of, cfg.on_bad_row, bad_rows)
     if not uris:
         raise S.ShardError(uri, None, None, f"split {split!r}: no readable shard left")

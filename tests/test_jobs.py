@@ -67,8 +67,9 @@ def _stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
         os.killpg(proc.pid, signal.SIGTERM)
     except ProcessLookupError:
         pass
-    try:  # a graceful stop takes ~30 s on 2 busy cores; what is left after a few is killed
-        proc.wait(timeout=8)
+    try:  # a graceful stop takes ~30 s on 2 busy cores; what is left after 2 s is killed (the
+        # head is thrown away with its temp dir: nothing of it needs an orderly stop)
+        proc.wait(timeout=2)
     except subprocess.TimeoutExpired:
         pass
     deadline = time.monotonic() + 30

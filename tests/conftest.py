@@ -143,9 +143,9 @@ def s3_uri(s3_server, request):
 
 @pytest.fixture(scope="session")
 def tiny_pretrain(ray_local, tmp_path_factory):
-    """``posefr pretrain`` of data_utils.TINY_PRETRAIN_CONFIG with TINY_PRETRAIN_SETS, run once per session
-    through the CLI in this process, on the session's Ray. Returns ``{"out": folder, "stdout":
-    what the command printed}``.
+    """``posefr pretrain`` of data_utils.TINY_PRETRAIN_CONFIG with TINY_PRETRAIN_SETS, run once per
+    session through the CLI in this process, on the session's Ray. Returns ``{"out": folder,
+    "stdout": what the command printed}``.
 
     test_pretrain asserts on this run. The demo and ablation tests copy the folder into their
     ``OUT/pretrain``: their stage 0 is the same resumable pretraining, which then finds its export

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -80,16 +81,45 @@ def restarted(trace: Path, after: float):
 
 
 def strike(bed: Testbed, trace: Path, proc, action: str, epoch: int, batch: int, timeout: float = 240,
-           after: float = 0.0) -> tuple[str, float]:
-    """Once rank 0 reached (epoch, batch): ``bed.<action>`` (kill, cut, preempt) on the host of
-    rank 1 (of the group started after ``after``), then wait for the restarted group.
-    Returns the host and the time of the action."""
-    wait(reached(trace, epoch, batch), proc, timeout, f"epoch {epoch} batch {batch} (before the {action})")
+           after: float = 0.0, capacity: threading.Thread | None = None) -> tuple[str, float]:
+    """Once rank 0 of the group started after ``after`` reached (epoch, batch): ``bed.<action>``
+    (kill, cut, preempt) on the host of its rank 1, then wait for the restarted group. A thread
+    that is bringing the previous victim back (``capacity``; the restart needs its host) is joined
+    after the action, so the position is not missed while it works. Returns the host and the time
+    of the action."""
+    # the group's own steps: those after its start (the previous group may step on for a while
+    # after the previous action, e.g. through a preemption's grace period)
+    since = max((s["time"] for s in starts(trace) if s["time"] > after), default=after)
+    wait(reached(trace, epoch, batch, since), proc, timeout, f"epoch {epoch} batch {batch} (before the {action})")
     victim = host_of(bed, trace, 1, after=after)
     t = time.time()
     getattr(bed, action)(victim)
+    if capacity is not None:
+        capacity.join()
     wait(restarted(trace, t), proc, timeout, f"a restart after the {action} of {victim}")
     return victim, t
+
+
+def restoring(bed: Testbed, host: str) -> threading.Thread:
+    """:func:`restore` of ``host`` in a thread, started (the training goes on meanwhile); an error
+    is raised again by :func:`joined`."""
+    def run() -> None:
+        try:
+            restore(bed, host)
+        except BaseException as e:  # noqa: BLE001 - handed to the joining thread
+            th.error = e
+
+    th = threading.Thread(target=run, name=f"restore-{host}", daemon=True)
+    th.error = None
+    th.start()
+    return th
+
+
+def joined(th: threading.Thread | None) -> None:
+    if th is not None:
+        th.join()
+        if th.error is not None:
+            raise th.error
 
 
 def wait(pred, proc, timeout: float, what: str):
@@ -114,9 +144,10 @@ def finish(proc, timeout: float = 300) -> None:
     assert rc == 0, tail(proc)
 
 
-def reached(trace: Path, epoch: int, batch: int):
-    """True once rank 0 has taken batch ``batch`` of ``epoch`` (or later)."""
-    return lambda: any((s["epoch"], s["batch"]) >= (epoch, batch) for s in steps(trace))
+def reached(trace: Path, epoch: int, batch: int, after: float = 0.0):
+    """True once rank 0 has taken batch ``batch`` of ``epoch`` (or later) after ``after`` (a
+    ``time.time()``: a group started then; its predecessor's steps do not count)."""
+    return lambda: any((s["epoch"], s["batch"]) >= (epoch, batch) and s["time"] > after for s in steps(trace))
 
 
 def host_of(bed: Testbed, trace: Path, rank: int, after: float = 0.0) -> str:

@@ -35,7 +35,7 @@ $(PUSHGATEWAY):
 demo: $(STAMP)
 	$(BIN)/posefr demo --out $(OUT)
 
-# everything but the multi-host training runs (tests/test_multihost.py, 10-15 minutes on 2
+# everything but the multi-host training runs (tests/test_multihost.py, 9-15 minutes on 2
 # cores: `make test-multihost`); the testbed's own tests (tests/test_testbed.py) are included
 test: $(STAMP) $(PUSHGATEWAY)
 	$(BIN)/python -m pytest -m "not multihost" $(PYTEST_ARGS)

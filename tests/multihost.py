@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -81,12 +81,12 @@ def restarted(trace: Path, after: float):
 
 
 def strike(bed: Testbed, trace: Path, proc, action: str, epoch: int, batch: int, timeout: float = 240,
-           after: float = 0.0, capacity: threading.Thread | None = None) -> tuple[str, float]:
+           after: float = 0.0, capacity: Future | None = None) -> tuple[str, float]:
     """Once rank 0 of the group started after ``after`` reached (epoch, batch): ``bed.<action>``
-    (kill, cut, preempt) on the host of its rank 1, then wait for the restarted group. A thread
-    that is bringing the previous victim back (``capacity``; the restart needs its host) is joined
-    after the action, so the position is not missed while it works. Returns the host and the time
-    of the action."""
+    (kill, cut, preempt) on the host of its rank 1, then wait for the restarted group. The
+    previous victim's return (``capacity``, a :func:`restore` running in a thread; the restart
+    needs its host) is awaited after the action, so the position is not missed while it works.
+    Returns the host and the time of the action."""
     # the group's own steps: those after its start (the previous group may step on for a while
     # after the previous action, e.g. through a preemption's grace period)
     since = max((s["time"] for s in starts(trace) if s["time"] > after), default=after)
@@ -95,31 +95,9 @@ def strike(bed: Testbed, trace: Path, proc, action: str, epoch: int, batch: int,
     t = time.time()
     getattr(bed, action)(victim)
     if capacity is not None:
-        capacity.join()
+        capacity.result()  # its error, if any, is raised here
     wait(restarted(trace, t), proc, timeout, f"a restart after the {action} of {victim}")
     return victim, t
-
-
-def restoring(bed: Testbed, host: str) -> threading.Thread:
-    """:func:`restore` of ``host`` in a thread, started (the training goes on meanwhile); an error
-    is raised again by :func:`joined`."""
-    def run() -> None:
-        try:
-            restore(bed, host)
-        except BaseException as e:  # noqa: BLE001 - handed to the joining thread
-            th.error = e
-
-    th = threading.Thread(target=run, name=f"restore-{host}", daemon=True)
-    th.error = None
-    th.start()
-    return th
-
-
-def joined(th: threading.Thread | None) -> None:
-    if th is not None:
-        th.join()
-        if th.error is not None:
-            raise th.error
 
 
 def wait(pred, proc, timeout: float, what: str):

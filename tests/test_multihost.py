@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow.parquet as pq
 import pytest
@@ -70,20 +71,21 @@ def test_preempted_killed_and_cut_hosts_resume_to_the_same_weights(bed, shards, 
     config, trace = mh.config(tmp_path, shards, "failures", epochs=EPOCHS)
     proc = mh.train(bed, config)
     events: dict[str, float] = {}
-    back = None  # the previous victim coming back, while the group trains on: capacity for the
-    try:         # next restart (joined after the next strike, before the group restarts)
+    # the previous victim comes back in a thread while the group trains on: capacity for the next
+    # restart (awaited by the next strike after its action)
+    pool = ThreadPoolExecutor(max_workers=1)
+    back = None
+    try:
         for kind, (epoch, batch) in (("preempt", (0, 1)), ("kill", (1, 3)), ("cut", (2, 3))):
             victim, events[kind] = mh.strike(bed, trace, proc, kind, epoch, batch,
                                              after=max(events.values(), default=0.0), capacity=back)
-            mh.joined(back)
-            back = mh.restoring(bed, victim)
-        mh.joined(back)
+            back = pool.submit(mh.restore, bed, victim)
+        back.result()
         mh.finish(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
-        if back is not None:
-            back.join()
+        pool.shutdown(wait=True)
         mh.restore(bed, *WORKERS)  # whatever a failed step left down (healthy hosts are left alone)
     starts = sorted(mh.starts(trace), key=lambda s: s["time"])
     assert mh.epochs_reported(bed, "failures") == list(range(EPOCHS))

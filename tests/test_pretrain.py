@@ -150,9 +150,8 @@ def test_adaface_checkpoint_loads_into_the_trunk_and_the_output_layer(tmp_path):
     ref = src.state_dict()
 
     torch.manual_seed(0)  # the loop: torch.manual_seed(train.seed), then build_model
-    fresh = _model("jam-je", image_size=64).state_dict()
-    torch.manual_seed(0)
     model = _model("jam-je", image_size=64)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
     loaded = load_pretrained_2d(model, str(path))
     w = model.state_dict()
     assert loaded["format"] == "adaface" and loaded["params"]

@@ -81,16 +81,22 @@ def restarted(trace: Path, after: float):
 
 
 def strike(bed: Testbed, trace: Path, proc, action: str, epoch: int, batch: int, timeout: float = 240,
-           after: float = 0.0, capacity: Future | None = None) -> tuple[str, float]:
-    """Once rank 0 of the group started after ``after`` reached (epoch, batch): ``bed.<action>``
-    (kill, cut, preempt) on the host of its rank 1, then wait for the restarted group. The
-    previous victim's return (``capacity``, a :func:`restore` running in a thread; the restart
-    needs its host) is awaited after the action, so the position is not missed while it works.
-    Returns the host and the time of the action."""
+           after: float = 0.0, capacity: Future | None = None, run: str | None = None) -> tuple[str, float]:
+    """Once rank 0 of the group started after ``after`` reached (epoch, batch) (and, with ``run``,
+    a checkpoint of that group in the middle of ``epoch`` is registered in the run's history):
+    ``bed.<action>`` (kill, cut, preempt) on the host of its rank 1, then wait for the restarted
+    group. The previous victim's return (``capacity``, a :func:`restore` running in a thread; the
+    restart needs its host) is awaited after the action, so the position is not missed while it
+    works. Returns the host and the time of the action."""
     # the group's own steps: those after its start (the previous group may step on for a while
     # after the previous action, e.g. through a preemption's grace period)
     since = max((s["time"] for s in starts(trace) if s["time"] > after), default=after)
     wait(reached(trace, epoch, batch, since), proc, timeout, f"epoch {epoch} batch {batch} (before the {action})")
+    if run is not None:
+        # a report reaches the history when the controller next polls the workers: a checkpoint
+        # saved just before the failure but not yet registered is not one the restart resumes from
+        wait(checkpointed(bed, run, epoch, since), proc, timeout,
+             f"a registered checkpoint in epoch {epoch} (before the {action})")
     victim = host_of(bed, trace, 1, after=after)
     t = time.time()
     getattr(bed, action)(victim)
@@ -128,6 +134,19 @@ def reached(trace: Path, epoch: int, batch: int, after: float = 0.0):
     return lambda: any((s["epoch"], s["batch"]) >= (epoch, batch) and s["time"] > after for s in steps(trace))
 
 
+def checkpointed(bed: Testbed, name: str, epoch: int, after: float):
+    """True once the run's history holds a mid-epoch checkpoint of ``epoch`` registered after
+    ``after``."""
+    def pred() -> bool:
+        try:
+            hist = history(bed, name)
+        except FileNotFoundError:
+            return False
+        return any(h.get("checkpoint") and not h.get("end_of_epoch") and h.get("epoch") == epoch
+                   and h["time"] > after for h in hist)
+    return pred
+
+
 def host_of(bed: Testbed, trace: Path, rank: int, after: float = 0.0) -> str:
     ips = {bed.ip(h): h for h in WORKERS}
     start = [s for s in starts(trace) if s["rank"] == rank and s["time"] >= after][-1]
@@ -162,6 +181,20 @@ def restore(bed: Testbed, *hosts: str) -> None:
     for h in hosts:
         bed.heal(h)
         bed.restart(h)
+
+
+def timeline(events: dict[str, float], starts: list[dict], hist: list[dict], taken: list[dict] = ()) -> str:
+    """The failures, worker starts, reports and (``taken``) rank 0's batches of a run in time
+    order (for messages)."""
+    t0 = min([*events.values(), *(s["time"] for s in starts)], default=0.0)
+    rows = [(t, f"{kind} (a host)") for kind, t in events.items()]
+    rows += [(s["time"], f"start rank {s['rank']}/{s['world']} at epoch {s['epoch']} batch {s['batch']} "
+                         f"step {s['global_step']}") for s in starts]
+    rows += [(h["time"], f"report step {h['step']} epoch {h.get('epoch')}"
+                         + (" checkpoint" if h.get("checkpoint") else "")
+                         + (" (preemption)" if h.get("preemption_checkpoint") else "")) for h in hist]
+    rows += [(s["time"], f"rank 0 takes epoch {s['epoch']} batch {s['batch']}") for s in taken]
+    return "\n" + "\n".join(f"{t - t0:8.2f}s {what}" for t, what in sorted(rows))
 
 
 def embeddings(n_gallery: int, n_probes: int, dim: int, seed: int = 0) -> pa.Table:

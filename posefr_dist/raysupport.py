@@ -13,9 +13,11 @@ FORWARDED_ENV = (
     "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR",
     "RAY_USAGE_STATS_ENABLED", "POSEFR_S3_CONNECT_TIMEOUT", "POSEFR_S3_REQUEST_TIMEOUT",
     # how often Ray Train's controller asks the GCS for draining (preempted) nodes (default 5 s),
-    # and how long it waits for a new worker group's workers (default 60 s; an elastic group sized
-    # on a stale view of the cluster waits this long before it tries again with fewer)
+    # how long it waits for a new worker group's workers (default 60 s; an elastic group sized
+    # on a stale view of the cluster waits this long before it tries again with fewer), and how
+    # often it polls the workers (default 2 s: a report, and its checkpoint, is registered then)
     "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
 )
 
 
